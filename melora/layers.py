@@ -1,0 +1,261 @@
+"""The adapted linear layers: LoRA, BLoB and Me-LoRA around a frozen `nn.Linear`.
+
+All three compute `y = W0 x + s * delta(x)` with `s = alpha / r`; they differ in `delta`:
+
+- LoRA:    delta(x) = B A d(x)                         (d = dropout)
+- BLoB:    delta(x) = B A~ d(x),  A~ = M_A + (R_A**2) * E,  E ~ N(0, I) of shape r x n
+- Me-LoRA: delta(x) = B C A d(x), C  = M + (H**2) * E,      E ~ N(0, I) of shape r x r
+
+Each layer has a sampling mode (see `SAMPLING_MODES`): "sample" draws the random parts (and keeps
+dropout on, which makes a LoRA layer with dropout an MC-dropout layer), "mean" is deterministic
+(C = M, A~ = M_A, no dropout), and "auto" (the default) samples in `train()` and is deterministic
+in `eval()`, like a plain PEFT LoRA layer.
+
+The KL of the posterior against the prior N(0, s_p^2) is a method of each layer (`kl`). Under
+DeepSpeed ZeRO-3 the adapter parameters are gathered only inside a module's forward, so a layer
+can also compute its KL inside its forward and hand it to a collector (`adapters.kl_from_forward`).
+
+The injection is written here rather than through PEFT's custom-module hooks: the three layers
+are about 200 lines, the state-dict names stay ours across PEFT releases, and interoperability
+comes from `adapters.export_mean_lora`, which writes a standard PEFT LoRA for the mean model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from melora.config import AdapterConfig
+
+SAMPLING_MODES = ("auto", "mean", "sample")
+
+
+class LoraLinear(nn.Module):
+    """LoRA around a frozen linear layer: `y = W0 x + s B A dropout(x)`.
+
+    A (r x n) starts Kaiming-uniform like PEFT's, B (m x r) starts at zero, so the adapted layer
+    starts equal to the base layer. The adapter parameters are kept in float32 whatever the base
+    dtype (as PEFT's `autocast_adapter_dtype`); the input is cast to it and the update cast back.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.r = config.r
+        self.scaling = config.scaling
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.dropout = config.dropout
+        self.sampling_mode = "auto"
+        # Set by `adapters.kl_from_forward`: called with the layer itself inside its forward.
+        self.kl_hook: Callable[[LoraLinear], None] | None = None
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=device))
+        self.add_posterior_parameters(device)
+        self.reset_adapter_parameters()
+
+    def add_posterior_parameters(self, device: torch.device) -> None:
+        """Create the method's extra parameters (none for LoRA)."""
+
+    def reset_adapter_parameters(self) -> None:
+        """A as PEFT's `kaiming_uniform_(a=sqrt(5))`, B = 0 (nothing to do on the meta device)."""
+        if self.lora_A.is_meta:
+            return
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # ----- sampling --------------------------------------------------------------------------
+    def is_sampling(self) -> bool:
+        """Whether this forward draws noise (and applies dropout)."""
+        if self.sampling_mode == "auto":
+            return self.training
+        return self.sampling_mode == "sample"
+
+    # ----- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        sample = self.is_sampling()
+        x = x.to(self.lora_A.dtype)
+        if sample and self.dropout > 0:
+            # F.dropout with training=True: "sample" mode keeps dropout on in eval() (MC dropout).
+            x = F.dropout(x, self.dropout, training=True)
+        delta = self.delta(x, sample)
+        if self.kl_hook is not None:
+            self.kl_hook(self)
+        return result + (self.scaling * delta).to(result.dtype)
+
+    def delta(self, x: Tensor, sample: bool) -> Tensor:
+        """The low-rank update before scaling: `B A x`."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
+        """LoRA has no posterior: its KL is 0."""
+        return self.lora_A.new_zeros(())
+
+    def mean_lora_factors(self) -> tuple[Tensor, Tensor]:
+        """(A', B') with `B' A'` equal to the mean update, for a plain LoRA export."""
+        return self.lora_A.detach(), self.lora_B.detach()
+
+    def factors(self) -> dict[str, Tensor]:
+        """The live factor tensors by their names in METHOD.md."""
+        return {"A": self.lora_A, "B": self.lora_B}
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.config.method}, in={self.in_features}, out={self.out_features}, "
+            f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}, sampling={self.sampling_mode}"
+        )
+
+
+class MeLoraLinear(LoraLinear):
+    """Me-LoRA: `y = W0 x + s B C A dropout(x)` with `C = M + Omega * E`, `Omega = H**2`.
+
+    M starts at the identity (the mean adapter starts equal to LoRA's B A) and H at
+    U(eps0 / sqrt(2), eps0) (METHOD.md). Per output i, with u = A x, the sampled update has
+
+        mean  s (B M u)_i,   variance  s^2 sum_kl B_ik^2 Omega_kl^2 u_l^2.
+
+    `sample_granularity = "batch"` draws one E per forward; `"example"` one E per leading index
+    of the input (one per sequence), applied as a batched r x r product.
+    """
+
+    def add_posterior_parameters(self, device: torch.device) -> None:
+        self.lora_M = nn.Parameter(torch.empty(self.r, self.r, device=device))
+        self.lora_H = nn.Parameter(torch.empty(self.r, self.r, device=device))
+
+    def reset_adapter_parameters(self) -> None:
+        super().reset_adapter_parameters()
+        eps0 = self.config.init_std
+        if self.lora_M.is_meta:
+            return
+        with torch.no_grad():
+            self.lora_M.copy_(torch.eye(self.r))
+            self.lora_H.uniform_(eps0 / math.sqrt(2), eps0)
+
+    @property
+    def omega(self) -> Tensor:
+        """Omega = H**2, the posterior std of C (elementwise, never negative)."""
+        return self.lora_H**2
+
+    def delta(self, x: Tensor, sample: bool) -> Tensor:
+        u = F.linear(x, self.lora_A)  # (..., r)
+        if not sample:
+            v = F.linear(u, self.lora_M)
+        elif self.config.sample_granularity == "batch" or u.dim() == 1:
+            C = self.lora_M + self.omega * torch.randn_like(self.lora_M)
+            v = F.linear(u, C)
+        else:  # one C per example: u is (b, ..., r), C is (b, r, r)
+            b = u.shape[0]
+            C = self.lora_M + self.omega * torch.randn(
+                b, self.r, self.r, device=u.device, dtype=u.dtype
+            )
+            v = torch.einsum("b...l,bkl->b...k", u, C)
+        return F.linear(v, self.lora_B)
+
+    def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
+        """KL(q(C) A || N(0, s_p^2)) with s_p = sigma_p + prior_eps (METHOD.md, paper Eq. 7-8).
+
+        paper: 1/(2 s_p^2) (||M A||_F^2 + ||Omega |A| ||_F^2) - sum_kl log Omega_kl  (constants dropped)
+        exact: sum_ij [log(s_p / std_ij) + (std_ij^2 + (M A)_ij^2) / (2 s_p^2) - 1/2],
+               std_ij^2 = ((Omega**2) @ (A**2))_ij, the exact marginal variance of (C A)_ij.
+        """
+        s_p = self.config.sigma_p + prior_eps
+        mean_q = self.lora_M @ self.lora_A
+        if self.config.kl_variance == "paper":
+            std_q = self.omega @ self.lora_A.abs()
+            return (mean_q.pow(2).sum() + std_q.pow(2).sum()) / (2 * s_p**2) - torch.log(
+                self.omega
+            ).sum()
+        var_q = self.omega.pow(2) @ self.lora_A.pow(2)
+        return gaussian_kl(mean_q, var_q, s_p)
+
+    def mean_lora_factors(self) -> tuple[Tensor, Tensor]:
+        """A' = M A, so that B A' = B M A is the mean update."""
+        return (self.lora_M @ self.lora_A).detach(), self.lora_B.detach()
+
+    def factors(self) -> dict[str, Tensor]:
+        return {
+            "A": self.lora_A,
+            "B": self.lora_B,
+            "M": self.lora_M,
+            "H": self.lora_H,
+            "Omega": self.omega,
+        }
+
+
+class BlobLinear(LoraLinear):
+    """BLoB (Wang et al. 2024): only A is Bayesian, `A~ = M_A + (R_A**2) * E`, B deterministic.
+
+    `lora_A` holds the mean M_A and `lora_A_rho` holds R_A, which starts U(eps0 / sqrt(2), eps0).
+    With flipout (the default, as BLoB's code) one E per forward is decorrelated across tokens by
+    random signs r (input side) and s (rank side): noise(x) = s * ((R_A**2 * E) (r * x)), which has
+    the same per-token distribution as a fresh E per token.
+    """
+
+    def add_posterior_parameters(self, device: torch.device) -> None:
+        self.lora_A_rho = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
+
+    def reset_adapter_parameters(self) -> None:
+        super().reset_adapter_parameters()
+        eps0 = self.config.init_std
+        if not self.lora_A_rho.is_meta:
+            with torch.no_grad():
+                self.lora_A_rho.uniform_(eps0 / math.sqrt(2), eps0)
+
+    @property
+    def a_std(self) -> Tensor:
+        """The posterior std of A, R_A**2."""
+        return self.lora_A_rho**2
+
+    def delta(self, x: Tensor, sample: bool) -> Tensor:
+        u = F.linear(x, self.lora_A)
+        if sample:
+            u = u + self._noise(x)
+        return F.linear(u, self.lora_B)
+
+    def _noise(self, x: Tensor) -> Tensor:
+        """(A~ - M_A) x for one draw (per forward or per example), with flipout if enabled."""
+        per_example = self.config.sample_granularity == "example" and x.dim() > 1
+        shape = (x.shape[0], *self.lora_A.shape) if per_example else self.lora_A.shape
+        noise_A = self.a_std * torch.randn(shape, device=x.device, dtype=x.dtype)
+        if self.config.flipout:
+            x = x * _random_signs(x.shape, x)
+        if per_example:
+            out = torch.einsum("b...n,brn->b...r", x, noise_A)
+        else:
+            out = F.linear(x, noise_A)
+        if self.config.flipout:
+            out = out * _random_signs(out.shape, out)
+        return out
+
+    def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
+        """Closed-form KL(N(M_A, (R_A**2)^2) || N(0, s_p^2)) summed over the entries of A."""
+        s_p = self.config.sigma_p + prior_eps
+        return gaussian_kl(self.lora_A, self.a_std.pow(2), s_p)
+
+    def factors(self) -> dict[str, Tensor]:
+        return {"A": self.lora_A, "B": self.lora_B, "A_std": self.a_std}
+
+
+def gaussian_kl(mean: Tensor, var: Tensor, s_p: float | Tensor) -> Tensor:
+    """sum_ij KL(N(mean_ij, var_ij) || N(0, s_p^2)) = sum [log(s_p/std) + (var + mean^2)/(2 s_p^2) - 1/2]."""
+    s_p = torch.as_tensor(s_p, dtype=mean.dtype, device=mean.device)
+    return (torch.log(s_p) - 0.5 * torch.log(var) + (var + mean.pow(2)) / (2 * s_p**2) - 0.5).sum()
+
+
+def _random_signs(shape: torch.Size, like: Tensor) -> Tensor:
+    """Independent +-1 entries, each with probability 1/2."""
+    return torch.randint(0, 2, shape, device=like.device, dtype=like.dtype) * 2 - 1
+
+
+LAYER_CLASSES: dict[str, type[LoraLinear]] = {
+    "lora": LoraLinear,
+    "blob": BlobLinear,
+    "melora": MeLoraLinear,
+}
