@@ -306,6 +306,9 @@ def _atomic_dir(directory: str | os.PathLike) -> Iterator[Path]:
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
     try:
         yield tmp
         if target.exists():

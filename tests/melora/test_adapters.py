@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -407,6 +408,9 @@ def test_save_load_round_trip(method: str, tmp_path) -> None:
         "melora_config.json",
     ]
     assert melora.read_adapter_config(tmp_path / "adapter") == config
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     fresh = melora.attach(tiny_llama(), config)
     assert not torch.allclose(mean_logits(fresh, ids), mean_logits(model, ids))
     melora.load_adapter(fresh, tmp_path / "adapter")

@@ -1,0 +1,342 @@
+"""melora.evaluation (class logits, the N-sample predictive, run evaluation) and melora.plots,
+against independent computations on a stub model and on a tiny adapted Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import melora
+from melora import evaluation, metrics, plots
+from melora.errors import MeLoraError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ANSWER_IDS = torch.tensor([5, 6, 7, 8])
+
+
+# ----- models and batches --------------------------------------------------------------------
+class StubLM(nn.Module):
+    """Returns the logits it is given, whatever the input: (B, T, V) set by the test."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.fixed = logits
+
+    def forward(self, input_ids, attention_mask):
+        assert input_ids.shape == attention_mask.shape == self.fixed.shape[:2]
+        return SimpleNamespace(logits=self.fixed)
+
+
+def tiny_llama(seed: int, method: str = "melora") -> nn.Module:
+    """A 2-layer random Llama with adapters whose sampled outputs visibly differ."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    model = melora.attach(LlamaForCausalLM(config), melora.AdapterConfig(method=method, r=4))
+    with torch.no_grad():  # B = 0 at init would make every sample equal to the mean
+        for _, layer in melora.adapted_layers(model):
+            layer.lora_B.normal_(0.0, 1.0)
+            if method == "melora":
+                layer.lora_H.fill_(0.7)
+    return model
+
+
+def make_batch(seed: int, lengths: list[int], labels: list[int], choice_mask=None) -> dict:
+    """A left-padded batch in the collate contract (pad id 0, T = max length)."""
+    gen = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    input_ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        input_ids[i, t - n :] = torch.randint(1, 64, (n,), generator=gen)
+        attention_mask[i, t - n :] = 1
+    k = len(ANSWER_IDS)
+    mask = torch.ones(len(lengths), k, dtype=torch.bool) if choice_mask is None else choice_mask
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": torch.tensor(labels),
+        "answer_token_ids": ANSWER_IDS.clone(),
+        "choice_mask": mask,
+    }
+
+
+@pytest.fixture(scope="module")
+def loader() -> list[dict]:
+    three_choices = torch.tensor([[True, True, True, False], [True] * 4, [True] * 4])
+    return [
+        make_batch(1, [5, 9, 7], [0, 3, 1], choice_mask=three_choices),
+        make_batch(2, [6, 4], [2, 2]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ood_loader() -> list[dict]:
+    return [make_batch(3, [3, 8, 8, 2], [1, 0, 3, 2])]
+
+
+def reference_probs(model: nn.Module, loader, n_samples: int) -> torch.Tensor:
+    """The N-sample predictive written out directly: the average of n softmax vectors."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    with torch.no_grad(), melora.sampling(model, "mean" if n_samples == 0 else "sample"):
+        for batch in loader:
+            draws = []
+            for _ in range(max(n_samples, 1)):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                z = out.logits[:, -1, batch["answer_token_ids"]].float()
+                z[~batch["choice_mask"]] = float("-inf")
+                draws.append(torch.softmax(z, dim=1))
+            rows.append(torch.stack(draws).mean(dim=0))
+    model.train(was_training)
+    return torch.cat(rows)
+
+
+# ----- class_logits --------------------------------------------------------------------------
+def test_class_logits_take_the_last_position_and_the_answer_tokens() -> None:
+    logits = torch.randn(2, 3, 10, dtype=torch.float64)
+    batch = {
+        "input_ids": torch.ones(2, 3, dtype=torch.long),
+        "attention_mask": torch.ones(2, 3, dtype=torch.long),
+        "labels": torch.tensor([0, 1]),
+        "answer_token_ids": torch.tensor([7, 2, 4]),
+        "choice_mask": torch.tensor([[True, True, True], [True, False, True]]),
+    }
+    got = evaluation.class_logits(StubLM(logits), batch)
+    assert got.dtype == torch.float32 and got.shape == (2, 3)
+    expected = logits[:, 2, [7, 2, 4]].float()
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1, [0, 2]], expected[1, [0, 2]])
+    assert got[1, 1] == float("-inf")
+    probs = torch.softmax(got, dim=1)
+    assert probs[1, 1] == 0.0
+
+
+def test_class_logits_without_choice_mask_keeps_every_choice() -> None:
+    logits = torch.randn(1, 2, 10)
+    batch = {
+        "input_ids": torch.ones(1, 2, dtype=torch.long),
+        "attention_mask": torch.ones(1, 2, dtype=torch.long),
+        "labels": torch.tensor([0]),
+        "answer_token_ids": torch.tensor([3, 9]),
+    }
+    torch.testing.assert_close(
+        evaluation.class_logits(StubLM(logits), batch), logits[:, -1, [3, 9]]
+    )
+
+
+def test_class_logits_errors_say_what_is_wrong() -> None:
+    stub = StubLM(torch.randn(1, 2, 10))
+    good = {
+        "input_ids": torch.ones(1, 2, dtype=torch.long),
+        "attention_mask": torch.ones(1, 2, dtype=torch.long),
+        "labels": torch.tensor([0]),
+        "answer_token_ids": torch.tensor([3, 9]),
+    }
+    with pytest.raises(MeLoraError, match=r"the batch lacks \['answer_token_ids'\]"):
+        evaluation.class_logits(stub, {k: v for k, v in good.items() if k != "answer_token_ids"})
+    with pytest.raises(MeLoraError, match="choice_mask has shape"):
+        evaluation.class_logits(stub, {**good, "choice_mask": torch.ones(1, 3, dtype=torch.bool)})
+    with pytest.raises(MeLoraError, match="has no True entry"):
+        evaluation.class_logits(stub, {**good, "choice_mask": torch.zeros(1, 2, dtype=torch.bool)})
+
+
+# ----- predict -------------------------------------------------------------------------------
+def test_predict_n0_is_the_deterministic_mean_adapter(loader) -> None:
+    model = tiny_llama(0)
+    model.train()
+    probs, labels = evaluation.predict(model, loader, n_samples=0)
+    again, _ = evaluation.predict(model, loader, n_samples=0)
+    assert probs.shape == (5, 4) and probs.dtype == torch.float32
+    torch.testing.assert_close(labels, torch.tensor([0, 3, 1, 2, 2]))
+    torch.testing.assert_close(probs, again, rtol=0, atol=0)
+    torch.testing.assert_close(probs, reference_probs(model, loader, 0))
+    assert probs[0, 3] == 0.0  # the masked fourth choice of the first row
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(5))
+    # train() and the layers' "auto" mode come back.
+    assert model.training
+    assert {layer.sampling_mode for _, layer in melora.adapted_layers(model)} == {"auto"}
+
+
+def test_predict_with_n_samples_averages_n_softmaxes(loader) -> None:
+    model = tiny_llama(0).eval()
+    torch.manual_seed(123)
+    probs, _ = evaluation.predict(model, loader, n_samples=3)
+    torch.manual_seed(123)
+    torch.testing.assert_close(probs, reference_probs(model, loader, 3))
+    # The draws really differ, so the comparison above can fail: N = 1 under two seeds differ,
+    # and neither equals the mean adapter.
+    torch.manual_seed(1)
+    one, _ = evaluation.predict(model, loader, n_samples=1)
+    torch.manual_seed(2)
+    other, _ = evaluation.predict(model, loader, n_samples=1)
+    mean, _ = evaluation.predict(model, loader, n_samples=0)
+    assert (one - other).abs().max() > 1e-3
+    assert (one - mean).abs().max() > 1e-3
+    assert not model.training  # eval() before, eval() after
+
+
+def test_predict_ensemble_averages_the_members(loader) -> None:
+    members = [tiny_llama(1), tiny_llama(2)]
+    probs, labels = evaluation.predict_ensemble(members, loader)
+    expected = (reference_probs(members[0], loader, 0) + reference_probs(members[1], loader, 0)) / 2
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(labels, torch.tensor([0, 3, 1, 2, 2]))
+    assert (reference_probs(members[0], loader, 0) - expected).abs().max() > 1e-3
+    # With samples: member 0's n draws for every batch, then member 1's, from one RNG stream.
+    torch.manual_seed(7)
+    sampled, _ = evaluation.predict_ensemble(members, loader, n_samples=2)
+    torch.manual_seed(7)
+    first = reference_probs(members[0], loader, 2)
+    second = reference_probs(members[1], loader, 2)
+    torch.testing.assert_close(sampled, (first + second) / 2)
+
+
+def test_predict_ensemble_refuses_a_shuffling_loader(loader) -> None:
+    class Shuffling:
+        def __init__(self) -> None:
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(loader if self.passes == 1 else loader[::-1])
+
+    with pytest.raises(MeLoraError, match="turn shuffling off"):
+        evaluation.predict_ensemble([tiny_llama(1), tiny_llama(2)], Shuffling())
+
+
+def test_predict_without_adapters_allows_only_n0(loader) -> None:
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+        )
+    )
+    probs, _ = evaluation.predict(plain, loader, n_samples=0)
+    assert probs.shape == (5, 4)
+    with pytest.raises(MeLoraError, match="needs a model with adapters"):
+        evaluation.predict(plain, loader, n_samples=1)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_predict_rejects_bad_n_samples(loader, bad) -> None:
+    with pytest.raises(MeLoraError, match="n_samples"):
+        evaluation.predict(tiny_llama(0), loader, n_samples=bad)
+
+
+def test_predict_rejects_an_empty_loader() -> None:
+    with pytest.raises(MeLoraError, match="no batches"):
+        evaluation.predict(tiny_llama(0), [], n_samples=0)
+
+
+# ----- evaluate ------------------------------------------------------------------------------
+def test_evaluate_keys_and_values(loader, ood_loader) -> None:
+    model = tiny_llama(0)
+    out = evaluation.evaluate(model, {"demo": loader, "demo_ood": ood_loader}, n_samples=(0, 2))
+    expected_keys = {
+        f"test/{task}/{metric}_n{n}"
+        for task in ("demo", "demo_ood")
+        for metric in ("acc", "nll", "ece", "brier")
+        for n in (0, 2)
+    }
+    assert set(out) == expected_keys
+    assert all(type(v) is float for v in out.values())
+    ref = metrics.compute_all(reference_probs(model, loader, 0), torch.tensor([0, 3, 1, 2, 2]))
+    for name, value in ref.items():
+        assert out[f"test/demo/{name}_n0"] == pytest.approx(value, abs=1e-6)
+
+
+def test_evaluate_run_adds_ood_sets_and_auroc(loader, ood_loader, tmp_path: Path) -> None:
+    model = tiny_llama(0)
+    result = evaluation.evaluate_run(
+        model, {"demo": loader}, {"demo_ood": ood_loader}, n_samples=(0, 1)
+    )
+    for n in (0, 1):
+        for metric in ("acc", "nll", "ece", "brier"):
+            assert f"test/demo/{metric}_n{n}" in result.metrics
+            assert f"ood/demo_ood/{metric}_n{n}" in result.metrics
+        assert f"ood/demo_ood/auroc_n{n}" in result.metrics
+    assert len(result.metrics) == 2 * 2 * 4 + 2
+    assert set(result.predictions) == {
+        "test/demo/n0",
+        "test/demo/n1",
+        "ood/demo_ood/n0",
+        "ood/demo_ood/n1",
+    }
+    id_probs = reference_probs(model, loader, 0)
+    ood_probs = reference_probs(model, ood_loader, 0)
+    expected = metrics.ood_auroc(id_probs, ood_probs)
+    assert result.metrics["ood/demo_ood/auroc_n0"] == pytest.approx(expected, abs=1e-12)
+    paths = result.reliability_diagrams(tmp_path / "diagrams")
+    assert sorted(p.name for p in paths) == sorted(
+        ["test_demo_n0.png", "test_demo_n1.png", "ood_demo_ood_n0.png", "ood_demo_ood_n1.png"]
+    )
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in paths)
+
+
+def test_evaluate_run_accepts_an_ensemble(loader) -> None:
+    members = [tiny_llama(1), tiny_llama(2)]
+    result = evaluation.evaluate_run(members, {"demo": loader}, n_samples=(0,))
+    probs, labels = evaluation.predict_ensemble(members, loader)
+    assert result.metrics["test/demo/nll_n0"] == pytest.approx(metrics.nll(probs, labels))
+
+
+def test_evaluate_run_needs_a_known_id_task_for_ood(loader, ood_loader) -> None:
+    model = tiny_llama(0)
+    two = {"a": loader, "b": loader}
+    with pytest.raises(MeLoraError, match=r"id_task is needed .* \['a', 'b'\]"):
+        evaluation.evaluate_run(model, two, {"o": ood_loader}, n_samples=(0,))
+    with pytest.raises(MeLoraError, match=r"id_task='c' is not a test set"):
+        evaluation.evaluate_run(model, two, {"o": ood_loader}, id_task="c", n_samples=(0,))
+    result = evaluation.evaluate_run(model, two, {"o": ood_loader}, id_task="b", n_samples=(0,))
+    assert "ood/o/auroc_n0" in result.metrics
+
+
+# ----- plots ---------------------------------------------------------------------------------
+def _some_predictions() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([0.5, 0.5, 0.5, 0.5], size=200)
+    labels = rng.integers(0, 4, size=200)
+    return probs, labels
+
+
+def test_reliability_diagram_writes_a_png(tmp_path: Path) -> None:
+    probs, labels = _some_predictions()
+    target = tmp_path / "sub" / "diagram.png"
+    path = plots.reliability_diagram(probs, labels, target, n_bins=10, title="demo")
+    assert path == target
+    data = target.read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_SIGNATURE)
+    assert [p.name for p in target.parent.iterdir()] == ["diagram.png"]  # no temp file left
+
+
+def test_reliability_diagram_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
+    probs, labels = _some_predictions()
+
+    def broken_savefig(self, fname, **kwargs):
+        fname.write(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        plots.reliability_diagram(probs, labels, tmp_path / "diagram.png")
+    assert list(tmp_path.iterdir()) == []
