@@ -1,0 +1,522 @@
+"""The per-worker training loop (Ray Train), readable top to bottom.
+
+    train_loop_per_worker(config)
+      setup:     model + tokenizer, melora.attach, the task's loaders, DeepSpeed, resume
+      train:     per step: NLL (+ weighted KL), AdamW through DeepSpeed, [SGD on the KL]
+      validate:  every eval_every steps: val metrics, a checkpoint, report to Ray Train
+      finish:    load the best adapter, evaluate test and OOD sets at N = 0, 1, 10, log to MLflow
+
+Every rank runs every forward (ZeRO-3 gathers weights collectively), so evaluation is sharded
+over the ranks and gathered. Rank 0 alone talks to MLflow (through `orchestrator.tracking`).
+The posterior noise and dropout draw from torch's global RNG, reseeded at every step from
+(seed, step, rank), so a run resumed from a checkpoint repeats the draws of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+import melora
+from melora import metrics as M
+from melora.evaluation import class_logits, predict
+from melora.objective import draw_prior_eps, kl_weight
+from melora.tasks import demo_model_config, demo_tokenizer, load_task, make_loader
+from orchestrator import tracking
+from orchestrator.config import RunConfig
+from orchestrator.deepspeed_config import deepspeed_config
+
+STATE_FILE = "state.json"
+DS_DIR, DS_TAG = "deepspeed", "state"
+ADAPTER_DIR, BEST_ADAPTER_DIR = "adapter", "best_adapter"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the DeepSpeed state: where we are and the best so far."""
+
+    step: int = 0
+    best_value: float | None = None
+    best_step: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ----- the loop ---------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: {"run": RunConfig dict, "mlflow_run_id", "tracking_uri", ...}."""
+    run = RunConfig.from_dict(config["run"])
+    on_gpu = run.scaling.use_gpu and torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
+    import datasets
+    import deepspeed
+    import ray.train
+
+    datasets.disable_progress_bars()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    logger = RankZeroLogger(rank, config.get("tracking_uri"), config.get("mlflow_run_id"))
+
+    # --- setup
+    ds_config = deepspeed_config(run, world_size=world, on_gpu=on_gpu)
+    tokenizer, model = build_model(run, ds_config, on_gpu)
+    torch.manual_seed(run.seed)  # the same adapter initialisation on every rank
+    melora.attach(model, run.adapter)
+    data = TaskData(run, tokenizer, rank, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=run.optim.lr, weight_decay=run.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    state = TrainState()
+    best_adapter: dict[str, torch.Tensor] | None = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state, best_adapter = restore(engine, Path(ckpt_dir), rank)
+        logger.print(f"resumed at step {state.step} from {checkpoint.path}")
+    objective = Objective(engine, run, len(data.train_loader), rank, start_step=state.step)
+
+    # --- train
+    progress = Progress(run.optim.max_steps, state.step, logger)
+    batches = data.train_batches(start_step=state.step)
+    log_every = max(1, min(run.eval.eval_every, run.optim.max_steps) // 10)
+    while state.step < run.optim.max_steps:
+        try:
+            train_metrics = objective.step(state.step, batches)
+        except NonFiniteLossError as err:
+            logger.fail(
+                str(err)
+            )  # MLflow: FAILED with the reason; the run stops, it is not retried
+            ray.train.report({"failed": str(err), "step": state.step})
+            return
+        state.step += 1
+        if state.step % log_every == 0 or state.step == run.optim.max_steps:
+            logger.log_metrics(train_metrics, state.step)
+            progress.update(state.step, train_metrics)
+        maybe_inject_fault(config.get("fault"), rank, state.step, checkpoint is not None)
+        if state.step % run.eval.eval_every == 0 or state.step == run.optim.max_steps:
+            val = validate(engine, data, run)
+            logger.log_metrics(val, state.step)
+            if is_better(run, val, state):
+                state.best_value, state.best_step = val.get(run.eval.select_metric), state.step
+                best_adapter = gathered_adapter_state(engine.module)
+            state.history.append({"step": state.step, **val})
+            save_and_report(
+                engine, state, best_adapter, {**train_metrics, **val, "step": state.step}, rank
+            )
+
+    # --- finish: the best adapter on the test and OOD sets
+    load_adapter_state(engine.module, best_adapter)
+    final, predictions = evaluate_final(engine, data, run)
+    final["best_step"] = state.best_step or state.step
+    with tempfile.TemporaryDirectory() as tmp, gathered(engine.module):
+        if rank == 0:
+            write_final_artifacts(Path(tmp), engine.module, predictions, run)
+        logger.finish(final, Path(tmp), state.step)
+    ray.train.report({**final, "step": state.step})
+
+
+# ----- the objective --------------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    """The loss is NaN or inf on some rank."""
+
+
+class Objective:
+    """The paper's objective on a DeepSpeed engine; one `step` call is one optimiser step (METHOD.md).
+
+    Per step: the NLL of the answer token (mean over the batch) and, for BLoB and Me-LoRA, the KL
+    with prior std sigma_p + eps (eps drawn once per step, the same on every rank) weighted by pi
+    (Blundell or uniform over the epoch's M batches).
+    - kl_optimizer "joint": AdamW (through DeepSpeed) on NLL + pi * KL, the KL collected inside
+      the layers' forward (works under every ZeRO stage).
+    - kl_optimizer "sgd": AdamW on the NLL, then an SGD step (lr kl_lr, same schedule) on pi * KL
+      at the parameters AdamW just moved. DeepSpeed must leave the module's parameters to our
+      optimiser for this, which holds only for ZeRO stage 0 in fp32 (config validation refuses
+      the rest).
+    Under data parallelism DeepSpeed averages the gradients over ranks: the mean of the ranks'
+    batch-mean NLLs plus pi * grad KL (the KL is the same on every rank).
+    """
+
+    def __init__(
+        self, engine, run: RunConfig, steps_per_epoch: int, rank: int, start_step: int = 0
+    ) -> None:
+        self.engine, self.run, self.steps_per_epoch, self.rank = engine, run, steps_per_epoch, rank
+        self.bayesian = run.adapter.is_bayesian
+        self.two_step_kl = self.bayesian and run.optim.kl_optimizer == "sgd"
+        self.kl_sgd = self.kl_sched = None
+        if self.two_step_kl:
+            trainable = [p for p in engine.module.parameters() if p.requires_grad]
+            self.kl_sgd = torch.optim.SGD(trainable, lr=run.optim.kl_lr)
+            for group in self.kl_sgd.param_groups:
+                group["initial_lr"] = run.optim.kl_lr
+            self.kl_sched = torch.optim.lr_scheduler.LambdaLR(
+                self.kl_sgd, lr_lambda(run), last_epoch=start_step - 1
+            )
+
+    def step(self, step: int, batches) -> dict[str, float]:
+        """One optimiser step (grad_accum micro-batches) at 0-based `step`; returns the train metrics."""
+        run, engine = self.run, self.engine
+        # Batches first: a DataLoader starting an epoch draws from the global RNG, which must then
+        # be reseeded, so that a resumed run repeats the draws of an uninterrupted one.
+        micro_batches = [next(batches) for _ in range(run.optim.grad_accum)]
+        reseed(run.seed, step, self.rank)
+        pi = kl_weight(step, self.steps_per_epoch, run.optim.kl_weighting) if self.bayesian else 0.0
+        eps = draw_prior_eps(run.adapter.prior_noise, step_generator(run.seed, step))
+        joint_kl = self.bayesian and not self.two_step_kl
+        engine.train()
+        nll_sum, kl_value = 0.0, 0.0
+        for batch in micro_batches:
+            with melora.kl_from_forward(engine.module, eps) if joint_kl else nullcontext() as kl:
+                logits = class_logits(engine, batch)
+            nll = F.cross_entropy(logits, batch["labels"].to(logits.device))
+            loss = nll + pi * kl.total() if joint_kl else nll
+            if not all_finite(loss):
+                raise NonFiniteLossError(f"non-finite loss at step {step + 1}: nll {nll.item()}")
+            engine.backward(loss)
+            engine.step()
+            nll_sum += nll.item()
+            kl_value = kl.total().item() if joint_kl else kl_value
+        if self.two_step_kl:  # the second step, on pi * KL at the parameters AdamW just moved
+            kl_total = melora.kl_divergence(engine.module, eps)
+            (pi * kl_total).backward()
+            self.kl_sgd.step()
+            self.kl_sgd.zero_grad(set_to_none=True)
+            self.kl_sched.step()
+            kl_value = kl_total.item()
+        return {
+            "train/nll": nll_sum / run.optim.grad_accum,
+            "train/kl": kl_value,
+            "train/lr": engine.get_lr()[0],
+            "train/pi": pi,
+            "train/prior_eps": eps,
+        }
+
+
+# ----- model and data -------------------------------------------------------------------------------
+def build_model(run: RunConfig, ds_config: dict[str, Any], on_gpu: bool) -> tuple[Any, nn.Module]:
+    """(tokenizer, model): the demo's tiny random Llama, or `from_pretrained` (hub id or folder).
+
+    Base weights are bf16 on GPU ('auto') and fp32 on CPU. Under ZeRO-3 they load partitioned:
+    `HfDeepSpeedConfig` is alive while `from_pretrained` runs, so no process holds the whole model.
+    `trust_remote_code` is never set.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    dtype = torch.bfloat16 if run.model.resolved_dtype(on_gpu) == "bfloat16" else torch.float32
+    if run.model.name_or_path == "demo":
+        tokenizer = demo_tokenizer()
+        torch.manual_seed(0)  # one fixed "pretrained" demo model, whatever the run's seed
+        model = LlamaForCausalLM(demo_model_config(tokenizer)).to(dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(run.model.name_or_path, trust_remote_code=False)
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        keep_alive = None
+        if run.scaling.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must live during from_pretrained
+        model = AutoModelForCausalLM.from_pretrained(
+            run.model.name_or_path, dtype=dtype, trust_remote_code=False
+        )
+        del keep_alive
+    if run.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return tokenizer, model
+
+
+class TaskData:
+    """The task's loaders: the training split sharded over ranks, evaluation sets sharded and padded."""
+
+    def __init__(self, run: RunConfig, tokenizer: Any, rank: int, world: int) -> None:
+        t = run.task
+        self.run, self.tokenizer, self.rank, self.world = run, tokenizer, rank, world
+        splits = load_task(t.name, t.split_policy, t.data_dir, t.prompt_style)
+        self.train = splits["train"]
+        self.validation = splits.get("validation")
+        self.test = splits["test"]
+        self.ood = {
+            name: load_task(name, t.split_policy, t.data_dir, t.prompt_style, splits=("test",))[
+                "test"
+            ]
+            for name in t.ood_tasks
+        }
+        self.sampler = DistributedSampler(
+            self.train, num_replicas=world, rank=rank, shuffle=True, seed=run.seed, drop_last=True
+        )
+        self.train_loader = make_loader(
+            self.train,
+            tokenizer,
+            run.optim.batch_size,
+            max_length=t.max_length,
+            sampler=self.sampler,
+            drop_last=True,
+        )
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"task {t.name}: {len(self.train)} training examples make no batch of {run.optim.batch_size} on each of {world} workers"
+            )
+
+    def train_batches(self, start_step: int):
+        """Training batches forever, epoch after epoch, starting where step `start_step` was."""
+        per_epoch = len(self.train_loader)
+        micro = start_step * self.run.optim.grad_accum
+        epoch, skip = divmod(micro, per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            for i, batch in enumerate(self.train_loader):
+                if i >= skip:
+                    yield batch
+            epoch, skip = epoch + 1, 0
+
+    def shard_loader(self, dataset):
+        """This rank's slice of `dataset`, padded so that every rank runs the same number of batches."""
+        n, bs = len(dataset), self.run.eval.batch_size
+        per_rank = math.ceil(n / (self.world * bs)) * bs
+        indices = [(self.rank * per_rank + i) % n for i in range(per_rank)]
+        return indices, make_loader(
+            dataset.select(indices), self.tokenizer, bs, max_length=self.run.task.max_length
+        )
+
+
+def sharded_predict(
+    module: nn.Module, data: TaskData, dataset, n_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`melora.evaluation.predict` over all ranks: each predicts its shard; the shards are gathered."""
+    indices, loader = data.shard_loader(dataset)
+    probs, labels = predict(module, loader, n_samples)
+    if data.world > 1:
+        gathered: list[Any] = [None] * data.world
+        dist.all_gather_object(gathered, (indices, probs, labels))
+    else:
+        gathered = [(indices, probs, labels)]
+    by_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for idx, p, y in gathered:
+        for i, row_p, row_y in zip(idx, p, y, strict=True):
+            by_index.setdefault(i, (row_p, row_y))
+    order = sorted(by_index)
+    return torch.stack([by_index[i][0] for i in order]), torch.stack(
+        [by_index[i][1] for i in order]
+    )
+
+
+def validate(engine, data: TaskData, run: RunConfig) -> dict[str, float]:
+    """`val/<metric>` on the validation split at N = eval.val_n_samples ({} without a validation split)."""
+    if data.validation is None:
+        return {}
+    probs, labels = sharded_predict(engine.module, data, data.validation, run.eval.val_n_samples)
+    return {f"val/{k}": v for k, v in M.compute_all(probs, labels, run.eval.ece_bins).items()}
+
+
+def evaluate_final(
+    engine, data: TaskData, run: RunConfig
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """`test/<task>/<metric>_n<N>` and `ood/<task>/<metric>_n<N>` (with `auroc`) at every N,
+    and the predictions `{"test/<task>/n<N>": (probs, labels), ...}` for the reliability diagrams."""
+    out: dict[str, float] = {}
+    predictions: dict[str, Any] = {}
+    for n in run.eval.n_samples:
+        reseed(run.seed, 10**9 + n, data.rank)
+        id_probs, id_labels = sharded_predict(engine.module, data, data.test, n)
+        predictions[f"test/{run.task.name}/n{n}"] = (id_probs, id_labels)
+        for k, v in M.compute_all(id_probs, id_labels, run.eval.ece_bins).items():
+            out[f"test/{run.task.name}/{k}_n{n}"] = v
+        for name, dataset in data.ood.items():
+            probs, labels = sharded_predict(engine.module, data, dataset, n)
+            predictions[f"ood/{name}/n{n}"] = (probs, labels)
+            for k, v in M.compute_all(probs, labels, run.eval.ece_bins).items():
+                out[f"ood/{name}/{k}_n{n}"] = v
+            out[f"ood/{name}/auroc_n{n}"] = M.ood_auroc(id_probs, probs)
+    return out, predictions
+
+
+def write_final_artifacts(
+    out: Path, module: nn.Module, predictions: dict[str, Any], run: RunConfig
+) -> None:
+    """The run's artifacts: the (best) adapter, its PEFT export, reliability diagrams, the resolved YAML."""
+    from melora.plots import reliability_diagrams
+
+    melora.save_adapter(module, out / "adapter")
+    melora.export_mean_lora(module, out / "peft_lora")
+    reliability_diagrams(predictions, out / "reliability", n_bins=run.eval.ece_bins)
+    (out / "config").mkdir()
+    (out / "config" / "resolved.yaml").write_text(run.to_yaml())
+
+
+# ----- optimisation helpers ---------------------------------------------------------------------------
+def lr_lambda(run: RunConfig):
+    """The schedule's multiplier of step t: linear warm-up over warmup_ratio, then linear / cosine / constant."""
+    total, warmup = run.optim.max_steps, int(run.optim.warmup_ratio * run.optim.max_steps)
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / (warmup + 1)
+        progress = (t - warmup) / max(1, total - warmup)
+        if run.optim.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if run.optim.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """Seed torch's global RNG (posterior draws, dropout) from (seed, step, rank)."""
+    torch.manual_seed((seed * 1_000_003 + step) * 131 + rank)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that gives every rank the same draw at a step (the prior noise eps)."""
+    return torch.Generator().manual_seed(seed * 7_919 + step)
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (one all-reduce, so that all ranks stop together)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+def is_better(run: RunConfig, val: dict[str, float], state: TrainState) -> bool:
+    """Whether `val` beats the best so far by `eval.select_metric` (without a validation split: the latest wins)."""
+    value = val.get(run.eval.select_metric)
+    if value is None or state.best_value is None:
+        return True
+    return value > state.best_value if run.eval.select_mode == "max" else value < state.best_value
+
+
+# ----- checkpoints -----------------------------------------------------------------------------------------
+@contextmanager
+def gathered(module: nn.Module):
+    """Inside: the adapter parameters whole on every rank (ZeRO-3 partitions them outside a forward)."""
+    params = [p for _, p in melora.adapter_parameters(module)]
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
+        yield
+
+
+def gathered_adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole adapter state on the CPU (a collective under ZeRO-3: call it on every rank)."""
+    with gathered(module):
+        return {k: v.clone() for k, v in melora.adapter_state_dict(module).items()}
+
+
+def load_adapter_state(module: nn.Module, state: dict[str, torch.Tensor] | None) -> None:
+    """Copy `state` into the adapter parameters (under ZeRO-3, rank 0's copy is scattered back)."""
+    if state is None:
+        return
+    with gathered(module), torch.no_grad():
+        for name, p in melora.adapter_parameters(module):
+            p.copy_(state[name].to(p.dtype))
+
+
+def save_and_report(
+    engine, state: TrainState, best_adapter, metrics: dict[str, float], rank: int
+) -> None:
+    """Write a checkpoint (DeepSpeed shards from every rank, adapters and state from rank 0) and report it."""
+    import ray.train
+
+    adapter = gathered_adapter_state(engine.module)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, exclude_frozen_parameters=True)
+        if rank == 0:
+            melora.save_adapter(engine.module, tmp / ADAPTER_DIR, state_dict=adapter)
+            melora.save_adapter(
+                engine.module, tmp / BEST_ADAPTER_DIR, state_dict=best_adapter or adapter
+            )
+            (tmp / STATE_FILE).write_text(json.dumps(state.__dict__))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+
+
+def restore(engine, ckpt_dir: Path, rank: int) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Load the DeepSpeed state, the train state and the best adapter of a checkpoint."""
+    from safetensors.torch import load_file
+
+    engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag=DS_TAG, load_module_strict=False)
+    state = TrainState(**json.loads((ckpt_dir / STATE_FILE).read_text()))
+    best = load_file(str(ckpt_dir / BEST_ADAPTER_DIR / melora.adapters.ADAPTER_WEIGHTS))
+    return state, best
+
+
+def maybe_inject_fault(fault: dict[str, int] | None, rank: int, step: int, resumed: bool) -> None:
+    """For the fault-tolerance test: on the first attempt, kill this worker process at a given step."""
+    if fault and not resumed and rank == fault["rank"] and step == fault["step"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----- rank-0 logging --------------------------------------------------------------------------------------
+class RankZeroLogger:
+    """Progress lines and MLflow logging, from rank 0 only (a no-op elsewhere)."""
+
+    def __init__(self, rank: int, tracking_uri: str | None, run_id: str | None) -> None:
+        self.rank, self.uri, self.run_id = rank, tracking_uri, run_id
+        self.active = rank == 0 and tracking_uri is not None and run_id is not None
+
+    def print(self, line: str) -> None:
+        if self.rank == 0:
+            print(f"[melora] {line}", flush=True)
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        if self.active and values:
+            tracking.log_metrics(self.uri, self.run_id, values, step)
+
+    def fail(self, reason: str) -> None:
+        self.print(f"FAILED: {reason}")
+        if self.active:
+            tracking.set_terminated(self.uri, self.run_id, "FAILED", reason)
+
+    def finish(self, final: dict[str, float], artifacts: Path, step: int) -> None:
+        """Log the final metrics and every artifact folder written by `write_final_artifacts`."""
+        if self.rank != 0:
+            return
+        shown = {k: v for k, v in final.items() if k.endswith(("acc_n0", "ece_n0", "nll_n0"))}
+        self.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        if self.active:
+            tracking.log_metrics(self.uri, self.run_id, final, step)
+            for sub in sorted(p.name for p in artifacts.iterdir()):
+                tracking.log_artifacts(self.uri, self.run_id, artifacts / sub, sub)
+
+
+class Progress:
+    """One line per logging interval: step, NLL, KL and the estimated time left."""
+
+    def __init__(self, total: int, start: int, logger: RankZeroLogger) -> None:
+        self.total, self.start, self.logger, self.t0 = total, start, logger, time.monotonic()
+
+    def update(self, step: int, values: dict[str, float]) -> None:
+        done = step - self.start
+        rate = (time.monotonic() - self.t0) / max(done, 1)
+        eta = rate * (self.total - step)
+        self.logger.print(
+            f"step {step}/{self.total}  nll {values['train/nll']:.4f}  kl {values['train/kl']:.2f}  "
+            f"lr {values['train/lr']:.2e}  {rate:.2f} s/step  eta {eta:.0f} s"
+        )
