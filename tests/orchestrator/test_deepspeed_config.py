@@ -117,7 +117,8 @@ def test_why_zero0_bf16_is_refused(tmp_path: Path) -> None:
 
     This is why the config refuses zero_stage 0 with bf16. When this test fails, DeepSpeed has fixed
     it: drop that refusal in orchestrator/config.py. One process (world size 1, gloo); the first
-    DeepSpeed start on a CPU compiles a comm op (about 100 s on 2 cores; cached in TORCH_EXTENSIONS_DIR).
+    DeepSpeed start on a CPU compiles a comm op (about 100 s on 2 cores), cached in the usual
+    torch extensions folder that every DeepSpeed test shares.
     """
     script = tmp_path / "probe.py"
     script.write_text(_INIT_STEP_PROBE)
@@ -132,7 +133,6 @@ def test_why_zero0_bf16_is_refused(tmp_path: Path) -> None:
         LOCAL_RANK="0",
         WORLD_SIZE="1",
     )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
     steps = {}
     for stage in (0, 2):
         out = subprocess.run(
