@@ -94,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state, best_adapter = restore(engine, Path(ckpt_dir), rank)
         logger.print(f"resumed at step {state.step} from {checkpoint.path}")
-    objective = Objective(engine, run, len(data.train_loader), rank, start_step=state.step)
+    objective = Objective(engine, run, len(data.train_loader), rank)
 
     # --- train
     progress = Progress(run.optim.max_steps, state.step, logger)
@@ -149,29 +149,20 @@ class Objective:
     (Blundell or uniform over the epoch's M batches).
     - kl_optimizer "joint": AdamW (through DeepSpeed) on NLL + pi * KL, the KL collected inside
       the layers' forward (works under every ZeRO stage).
-    - kl_optimizer "sgd": AdamW on the NLL, then an SGD step (lr kl_lr, same schedule) on pi * KL
-      at the parameters AdamW just moved. DeepSpeed must leave the module's parameters to our
-      optimiser for this, which holds only for ZeRO stage 0 in fp32 (config validation refuses
-      the rest).
+    - kl_optimizer "sgd": AdamW on the NLL, then a plain SGD step (lr kl_lr x the same schedule)
+      on pi * KL at the parameters AdamW just moved: theta <- theta - lr_kl * pi * grad KL(theta).
+      DeepSpeed keeps its own fp32 copy of the parameters under ZeRO-2/3 (and bf16), so the step is
+      written to that copy (`safe_set_full_fp32_param`) and to the module's copy alike; under
+      ZeRO-3 the adapter is gathered for it. The KL gradient is identical on every rank.
     Under data parallelism DeepSpeed averages the gradients over ranks: the mean of the ranks'
     batch-mean NLLs plus pi * grad KL (the KL is the same on every rank).
     """
 
-    def __init__(
-        self, engine, run: RunConfig, steps_per_epoch: int, rank: int, start_step: int = 0
-    ) -> None:
+    def __init__(self, engine, run: RunConfig, steps_per_epoch: int, rank: int) -> None:
         self.engine, self.run, self.steps_per_epoch, self.rank = engine, run, steps_per_epoch, rank
         self.bayesian = run.adapter.is_bayesian
         self.two_step_kl = self.bayesian and run.optim.kl_optimizer == "sgd"
-        self.kl_sgd = self.kl_sched = None
-        if self.two_step_kl:
-            trainable = [p for p in engine.module.parameters() if p.requires_grad]
-            self.kl_sgd = torch.optim.SGD(trainable, lr=run.optim.kl_lr)
-            for group in self.kl_sgd.param_groups:
-                group["initial_lr"] = run.optim.kl_lr
-            self.kl_sched = torch.optim.lr_scheduler.LambdaLR(
-                self.kl_sgd, lr_lambda(run), last_epoch=start_step - 1
-            )
+        self.schedule = lr_lambda(run)
 
     def step(self, step: int, batches) -> dict[str, float]:
         """One optimiser step (grad_accum micro-batches) at 0-based `step`; returns the train metrics."""
@@ -197,12 +188,7 @@ class Objective:
             nll_sum += nll.item()
             kl_value = kl.total().item() if joint_kl else kl_value
         if self.two_step_kl:  # the second step, on pi * KL at the parameters AdamW just moved
-            kl_total = melora.kl_divergence(engine.module, eps)
-            (pi * kl_total).backward()
-            self.kl_sgd.step()
-            self.kl_sgd.zero_grad(set_to_none=True)
-            self.kl_sched.step()
-            kl_value = kl_total.item()
+            kl_value = self.kl_sgd_step(pi, eps, lr=run.optim.kl_lr * self.schedule(step))
         return {
             "train/nll": nll_sum / run.optim.grad_accum,
             "train/kl": kl_value,
@@ -210,6 +196,30 @@ class Objective:
             "train/pi": pi,
             "train/prior_eps": eps,
         }
+
+    def kl_sgd_step(self, pi: float, eps: float, lr: float) -> float:
+        """theta <- theta - lr * pi * grad KL(theta) on every adapter tensor; returns KL(theta)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        module = self.engine.module
+        params = [p for _, p in melora.adapter_parameters(module)]
+        with gathered(module):  # whole tensors on every rank (a no-op below ZeRO-3)
+            kl = melora.kl_divergence(module, eps)
+            grads = torch.autograd.grad(pi * kl, params, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    if g is None:
+                        continue
+                    master = safe_get_full_fp32_param(
+                        p
+                    )  # DeepSpeed's fp32 copy, or None (stage 0, fp32)
+                    new = (
+                        p.detach().float() if master is None else master.to(p.device)
+                    ) - lr * g.float()
+                    if master is not None:
+                        safe_set_full_fp32_param(p, new)
+                    p.data.copy_(new.to(p.dtype))  # the copy the next forward reads
+        return kl.item()
 
 
 # ----- model and data -------------------------------------------------------------------------------

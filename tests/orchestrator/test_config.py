@@ -118,18 +118,6 @@ BAD_INPUTS = [
     ),
     ("top_level_list", "- model\n- adapter\n", [], ["top level must be a mapping", "list"]),
     (
-        "sgd_kl_under_zero3",
-        "scaling:\n  zero_stage: 3\noptim:\n  kl_optimizer: sgd\n",
-        [],
-        ["optim.kl_optimizer='sgd'", "scaling.zero_stage=3", "partitioned", "'joint'"],
-    ),
-    (
-        "sgd_kl_under_zero2",
-        "scaling:\n  zero_stage: 2\noptim:\n  kl_optimizer: sgd\n",
-        [],
-        ["optim.kl_optimizer='sgd'", "scaling.zero_stage=2", "fp32 copy", "'joint'"],
-    ),
-    (
         "zero0_bf16",
         "scaling:\n  zero_stage: 0\n  use_gpu: true\n",
         [],
@@ -231,7 +219,7 @@ def test_defaults_are_the_demo_with_the_papers_table_7_values() -> None:
         o.kl_lr,
         o.kl_optimizer,
         o.max_steps,
-    ) == (1e-4, 0.02, "linear", 4, 1e-4, "joint", 5000)
+    ) == (1e-4, 0.02, "linear", 4, 1e-4, "sgd", 5000)
     assert (cfg.task.max_length, cfg.eval.eval_every, cfg.eval.n_samples, cfg.eval.ece_bins) == (
         300,
         100,
