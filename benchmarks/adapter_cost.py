@@ -1,0 +1,553 @@
+"""What LoRA, BLoB and Me-LoRA cost per training step, measured side by side in one process.
+
+    .venv/bin/python benchmarks/adapter_cost.py                        # small Llama, fp32, CPU
+    .venv/bin/python benchmarks/adapter_cost.py --threads 1 --control  # shared CPU; A/A check
+    .venv/bin/python benchmarks/adapter_cost.py --kl-optimizer sgd     # the paper's two steps
+    python benchmarks/adapter_cost.py --model llama2-7b                # 7B shape, bf16, CUDA
+
+The default run takes about 2 minutes on an idle 2-core CPU. For each method it prints the
+trainable parameters, the adapter's bytes (the safetensors file that `melora.save_adapter`
+writes, and the raw tensor bytes), the median training-step time and the step's memory, each also
+as a ratio to LoRA; then the per-round time ratios; then the adapter's own work, timed part by part.
+
+How it measures:
+- One frozen base model (random weights from `--seed`) is shared by one copy per method, each
+  with its own adapter; the adapters start from the same seed too.
+- A training step is each method's real step: `zero_grad`, forward in "sample" mode (dropout on,
+  C or A drawn), backward, optimiser. LoRA: AdamW on the NLL. BLoB and Me-LoRA: the NLL plus
+  `pi * KL` with prior noise eps ~ U(0, 1). `--kl-optimizer joint` (default) does one backward of
+  `nll + pi * KL` and one AdamW step; `sgd` does the paper's two steps (METHOD.md, "Objective and
+  optimisers"): AdamW on the NLL, then SGD on `pi * KL`.
+- The loss is `--loss last` (default: the next-token NLL at the last position, over the whole
+  vocabulary, the shape of what the project trains) or `lm` (the full causal-LM loss).
+- Steps run round-robin (LoRA, BLoB, Me-LoRA, LoRA, ...) so that drifting machine load hits all
+  methods alike: `--warmup` rounds, then `--steps` timed rounds. Besides each method's median,
+  the report gives the median and interquartile range of the per-round ratios to LoRA, and the
+  ratio of the best steps. `--control` adds a second, identical LoRA: its ratios show the
+  measurement's own bias and noise.
+- Memory of one step, after the timed rounds (so the optimiser state exists), with the gradients
+  set to None first: on CUDA `max_memory_allocated` minus the memory allocated before the step;
+  on CPU, which has no allocator statistics, the running maximum of the allocation / free events
+  that `torch.profiler` records (profile_memory=True), summed in time order (checked first on a
+  case with a known answer). Both are the step's extra memory: activations, temporaries and
+  gradients. "Peak" adds what the method holds between steps (base weights and buffers, adapter
+  parameters, optimiser state, from tensor sizes): the peak of a process training only it.
+- The adapter's own work (the low-rank updates, the KL, the optimiser) is timed apart from the
+  base model, best of 20, to show what an overhead is made of below the whole step's noise; the
+  kernel count (computing ATen calls per step) predicts how launch-bound small ops grow on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import melora
+from melora.objective import draw_prior_eps, kl_weight
+
+METHODS = ("lora", "blob", "melora")
+MODEL_SIZES = {
+    # hidden, intermediate, layers, heads: small enough for a 2-core CPU
+    "small": (512, 1376, 8, 8),
+    "llama2-7b": (4096, 11008, 32, 32),
+    "llama2-13b": (5120, 13824, 40, 40),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MiB = 2**20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model",
+        choices=sorted(MODEL_SIZES),
+        default="small",
+        help="Llama architecture, random weights",
+    )
+    p.add_argument(
+        "--device", default=None, help="default: cpu for 'small', cuda for the llama2 sizes"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="base weights; default: float32 on cpu, bfloat16 on cuda",
+    )
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated target modules")
+    p.add_argument(
+        "--steps", type=int, default=30, help="timed rounds (one step of each method per round)"
+    )
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--kl-optimizer", choices=("joint", "sgd"), default="joint")
+    p.add_argument("--loss", choices=("last", "lm"), default="last")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="also time a second, identical LoRA: its ratio to LoRA shows the measurement's bias",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cpu" if args.model == "small" else "cuda"
+    if args.dtype is None:
+        args.dtype = "float32" if args.device == "cpu" else "bfloat16"
+    return args
+
+
+# ----- models ----------------------------------------------------------------------------------
+def build_base(args: argparse.Namespace) -> nn.Module:
+    """A Llama of the chosen size with random weights, built directly on the device in its dtype."""
+    hidden, intermediate, layers, heads = MODEL_SIZES[args.model]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32000,
+        max_position_embeddings=max(4096, args.seq),
+    )
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype])
+
+
+def build_models(base: nn.Module, args: argparse.Namespace) -> dict[str, nn.Module]:
+    """One copy of `base` per method, sharing its frozen weights, each with its adapter attached."""
+    shared = {id(p): p for p in base.parameters()}
+    models = {}
+    for name in arm_names(args):
+        method = name.split("-")[0]
+        model = copy.deepcopy(base, memo=dict(shared))
+        torch.manual_seed(args.seed + 1)  # the same A for every method
+        config = melora.AdapterConfig(
+            method=method,
+            r=args.rank,
+            alpha=2 * args.rank,
+            dropout=0.1,
+            target_modules=tuple(args.targets.split(",")),
+        )
+        melora.attach(model, config)
+        if args.gradient_checkpointing:
+            enable_checkpointing(model)
+        model.train()
+        melora.sampling(model, "sample")
+        models[name] = model
+    return models
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (the method's name changed in transformers 5)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def arm_names(args: argparse.Namespace) -> list[str]:
+    """The methods in round-robin order; `--control` adds a second LoRA ("lora-2") as an A/A check."""
+    return [*METHODS, "lora-2"] if args.control else list(METHODS)
+
+
+# ----- the training step -----------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """One method's model, optimisers and batch; `step()` is one full training step."""
+
+    method: str
+    model: nn.Module
+    ids: Tensor
+    targets: Tensor
+    loss: str
+    adamw: torch.optim.Optimizer
+    sgd: (
+        torch.optim.Optimizer | None
+    )  # the paper's second optimiser, on pi * KL (--kl-optimizer sgd)
+    steps_per_epoch: int = 100  # for pi's schedule only: its value does not change the cost
+    n: int = 0
+
+    @classmethod
+    def create(
+        cls, method: str, model: nn.Module, ids: Tensor, targets: Tensor, args: argparse.Namespace
+    ) -> Trainer:
+        params = [p for _, p in melora.adapter_parameters(model)]
+        adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5)
+        two_step = method != "lora" and args.kl_optimizer == "sgd"
+        sgd = torch.optim.SGD(params, lr=1e-4) if two_step else None
+        return cls(method, model, ids, targets, args.loss, adamw, sgd)
+
+    def nll(self) -> Tensor:
+        if self.loss == "lm":
+            return self.model(self.ids, labels=self.ids, use_cache=False).loss
+        logits = self.model(self.ids, logits_to_keep=1, use_cache=False).logits[:, -1]
+        return F.cross_entropy(logits.float(), self.targets)
+
+    def kl(self) -> Tensor:
+        pi = kl_weight(self.n, self.steps_per_epoch)
+        return pi * melora.kl_divergence(self.model, draw_prior_eps(True))
+
+    def zero_grad(self) -> None:
+        self.adamw.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.zero_grad()
+        if self.method == "lora":
+            self.nll().backward()
+            self.adamw.step()
+        elif self.sgd is None:  # joint: one backward of nll + pi * KL, one AdamW step
+            (self.nll() + self.kl()).backward()
+            self.adamw.step()
+        else:  # the paper's two steps: AdamW on the NLL, then SGD on pi * KL
+            self.nll().backward()
+            self.adamw.step()
+            self.sgd.zero_grad(set_to_none=True)
+            self.kl().backward()
+            self.sgd.step()
+        self.n += 1
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def seconds(fn: Callable[[], object], device: str) -> float:
+    """Wall-clock seconds of one call of `fn`, with the GPU synchronised and no GC pause inside."""
+    gc.disable()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    gc.enable()
+    return elapsed
+
+
+def time_round_robin(
+    trainers: dict[str, Trainer], rounds: int, warmup: int, device: str
+) -> dict[str, list[float]]:
+    """Step every method in turn, `warmup` untimed rounds then `rounds` timed ones; seconds per step."""
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for r in range(warmup + rounds):
+        gc.collect()
+        for name, trainer in trainers.items():
+            elapsed = seconds(trainer.step, device)
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+# ----- where the adapter's time goes ----------------------------------------------------------
+def adapter_parts(trainer: Trainer, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """The adapter's own work in a step, as separately timeable calls (the base model left out).
+
+    update: the low-rank update `delta(x)` of every adapted layer, forward + backward, in sample
+    mode on a random input of the step's shape; kl: `kl_divergence` forward + backward (BLoB and
+    Me-LoRA); optimiser: the optimiser step(s) over the adapter parameters.
+    """
+    layers = [layer for _, layer in melora.adapted_layers(trainer.model)]
+    shapes = {(args.batch, args.seq, layer.in_features) for layer in layers}
+    inputs = {shape[-1]: torch.randn(shape, device=args.device) for shape in shapes}
+
+    def update() -> None:
+        for layer in layers:
+            out = layer.delta(inputs[layer.in_features], True)
+            out.backward(torch.ones_like(out))
+
+    def kl() -> None:
+        melora.kl_divergence(trainer.model, 0.5).backward()
+
+    def optimiser() -> None:
+        trainer.adamw.step()
+        if trainer.sgd is not None:
+            trainer.sgd.step()
+
+    parts = {"update": update, "kl": kl, "optimiser": optimiser}
+    if trainer.method == "lora":
+        del parts["kl"]
+    return parts
+
+
+def adapter_work_ms(
+    trainers: dict[str, Trainer], args: argparse.Namespace, reps: int = 20
+) -> dict[str, dict[str, float]]:
+    """Best-of-`reps` milliseconds of each adapter part per method, interleaved like the steps.
+
+    The minimum, not the median: these calls are short, and on a shared machine the minimum is
+    the estimate least disturbed by other processes.
+    """
+    parts = {name: adapter_parts(trainer, args) for name, trainer in trainers.items()}
+    best = {name: dict.fromkeys(calls, math.inf) for name, calls in parts.items()}
+    for rep in range(reps + 1):  # the first pass warms up and creates the gradients
+        gc.collect()
+        for name, calls in parts.items():
+            for part, fn in calls.items():
+                elapsed = seconds(fn, args.device) * 1e3
+                if rep > 0:
+                    best[name][part] = min(best[name][part], elapsed)
+    for trainer in trainers.values():
+        trainer.zero_grad()
+    return best
+
+
+# Calls that only make views, read metadata or wrap other calls: not kernels of their own.
+NON_KERNEL_OPS = {
+    "aten::" + name
+    for name in (
+        "_local_scalar_dense _reshape_alias _to_copy _unsafe_view alias as_strided chunk contiguous "
+        "detach dropout empty empty_like empty_strided expand flatten is_nonzero item lift_fresh "
+        "linear matmul narrow new_zeros permute reshape resolve_conj resolve_neg result_type select "
+        "slice split squeeze t to transpose unbind unflatten unsqueeze view"
+    ).split()
+}
+
+
+def kernel_ops(trainer: Trainer) -> int:
+    """ATen calls of one training step that compute (on a GPU, about its kernel launches).
+
+    Counted from the profiler: calls outside NON_KERNEL_OPS with no computing ATen call inside.
+    """
+    trainer.zero_grad()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.step()
+
+    def computes(e) -> bool:  # a profiler FunctionEvent
+        return e.name.startswith("aten::") and e.name not in NON_KERNEL_OPS
+
+    return sum(1 for e in prof.events() if computes(e) and not any(map(computes, e.cpu_children)))
+
+
+# ----- memory ----------------------------------------------------------------------------------
+def profiled_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of the bytes allocated minus freed while `fn` runs, from torch.profiler's memory events.
+
+    Each "[memory]" event carries the signed size of one allocation (> 0) or free (< 0); their
+    running sum in time order is the live bytes relative to the start, its maximum the peak.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def check_profiled_peak() -> None:
+    """The profiler method on a case with a known answer: 4 MiB held, then 8 MiB more: peak 12 MiB."""
+
+    def known() -> None:
+        a = torch.empty(MiB)
+        b = torch.empty(2 * MiB)
+        del a, b
+        c = torch.empty(MiB)
+        del c
+
+    got = profiled_peak_bytes(known)
+    if got != 12 * MiB:
+        sys.exit(
+            f"the profiler's memory events give {got} bytes on a known 12 MiB case: CPU memory cannot be trusted"
+        )
+
+
+def step_extra_bytes(trainer: Trainer, device: str) -> int:
+    """The peak memory one training step adds to what was allocated before it.
+
+    The gradients are set to None first, so "before" is the same on both devices (the CPU
+    profiler cannot see the free of a tensor allocated before it started): the step's extra
+    memory includes the gradients it creates.
+    """
+    trainer.zero_grad()
+    gc.collect()
+    if not device.startswith("cuda"):
+        return profiled_peak_bytes(trainer.step)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    trainer.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def tensor_bytes(tensors: list[Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared storages counted once)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def adapter_state_bytes(trainer: Trainer) -> dict[str, int]:
+    """Bytes of the adapter parameters, their gradients and the optimiser state, from tensor sizes."""
+    params = [p for _, p in melora.adapter_parameters(trainer.model)]
+    optimizers = [opt for opt in (trainer.adamw, trainer.sgd) if opt is not None]
+    state = [
+        v
+        for opt in optimizers
+        for s in opt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    ]
+    # a gradient has its parameter's size (they are None between steps only after zero_grad)
+    return {
+        "params": tensor_bytes(params),
+        "grads": tensor_bytes(params),
+        "optimiser": tensor_bytes(state),
+    }
+
+
+def base_bytes(model: nn.Module) -> int:
+    """The frozen base weights and every buffer of the model."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return tensor_bytes(frozen + list(model.buffers()))
+
+
+# ----- sizes -----------------------------------------------------------------------------------
+def adapter_sizes(model: nn.Module) -> tuple[int, int, int]:
+    """(trainable parameters, bytes of the saved safetensors file, raw tensor bytes)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = melora.adapter_state_dict(model)
+    raw = sum(t.numel() * t.element_size() for t in state.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = melora.save_adapter(model, Path(tmp) / "adapter")
+        file_bytes = (folder / "melora_adapter.safetensors").stat().st_size
+    return trainable, file_bytes, raw
+
+
+# ----- report ----------------------------------------------------------------------------------
+def print_report(
+    args: argparse.Namespace, rows: dict[str, dict], times: dict[str, list[float]]
+) -> None:
+    cuda = args.device.startswith("cuda")
+    memory = "torch.cuda.max_memory_allocated" if cuda else "torch.profiler memory events"
+    loss = (
+        "last-position next-token NLL (logits_to_keep=1)"
+        if args.loss == "last"
+        else "full causal-LM loss"
+    )
+    checkpointing = "on" if args.gradient_checkpointing else "off"
+    print(
+        f"model {args.model} ({args.dtype}, {args.device}), batch {args.batch}, seq {args.seq}, "
+        f"r {args.rank}, targets {args.targets}, gradient checkpointing {checkpointing}"
+    )
+    print(f"loss: {loss}; KL optimiser: {args.kl_optimizer}")
+    print(f"{args.steps} timed rounds after {args.warmup} warm-up, round-robin {', '.join(rows)}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; step memory: {memory}")
+    print()
+    lora = rows["lora"]
+    header = (
+        f"{'method':<8} {'trainable':>11} {'x':>6} {'file KiB':>9} {'raw KiB':>8} {'x':>6} "
+        f"{'step ms':>8} {'x':>6} {'step MiB':>9} {'x':>7} {'state MiB':>9} {'peak MiB':>9} {'x':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for method, row in rows.items():
+        print(
+            f"{method:<8} {row['trainable']:>11,} {row['trainable'] / lora['trainable']:>6.3f} "
+            f"{row['file'] / 1024:>9.1f} {row['raw'] / 1024:>8.1f} {row['raw'] / lora['raw']:>6.3f} "
+            f"{row['ms']:>8.1f} {row['ms'] / lora['ms']:>6.3f} "
+            f"{row['extra'] / MiB:>9.1f} {row['extra'] / lora['extra']:>7.4f} "
+            f"{row['state'] / MiB:>9.2f} {row['peak'] / MiB:>9.1f} {row['peak'] / lora['peak']:>7.4f}"
+        )
+    print(
+        "step ms: median step time; step MiB: the step's peak over what was allocated before it\n"
+        "(gradients included); state MiB: adapter parameters + gradients + optimiser state;\n"
+        "peak MiB: base weights and buffers + adapter parameters + optimiser state + step MiB."
+    )
+    print()
+    print("step time vs LoRA, per round (a ratio of adjacent steps, robust to drifting load):")
+    print(f"{'method':<8} {'median':>7} {'q1':>7} {'q3':>7} {'best ms':>8} {'best x':>7}")
+    best_lora = min(times["lora"]) * 1e3
+    for method in rows:
+        ratios = [t / t0 for t, t0 in zip(times[method], times["lora"], strict=True)]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+        best = min(times[method]) * 1e3
+        print(f"{method:<8} {q2:>7.3f} {q1:>7.3f} {q3:>7.3f} {best:>8.1f} {best / best_lora:>7.3f}")
+    print()
+    print("the adapter's own work per step, each part timed alone (ms, best of 20, interleaved):")
+    print(
+        f"{'method':<8} {'update':>8} {'KL':>8} {'optim':>8} {'total':>8} "
+        f"{'extra vs LoRA':>14} {'kernels':>8}"
+    )
+    lora_work = sum(lora["work"].values())
+    for method, row in rows.items():
+        work = row["work"]
+        total = sum(work.values())
+        extra = 100 * (total - lora_work) / best_lora
+        print(
+            f"{method:<8} {work['update']:>8.2f} {work.get('kl', 0.0):>8.2f} {work['optimiser']:>8.2f} "
+            f"{total:>8.2f} {extra:>+13.2f}% {row['ops']:>8,}"
+        )
+    print(
+        "update: every adapted layer's delta(x), forward + backward, sample mode; KL: kl_divergence\n"
+        "forward + backward; extra vs LoRA: (total - LoRA's total) / LoRA's best step time;\n"
+        "kernels: computing ATen calls in one step (on a GPU, about its kernel launches)."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if not args.device.startswith("cuda"):
+        check_profiled_peak()
+    base = build_base(args)
+    models = build_models(base, args)
+    del base
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(32000, (args.batch, args.seq), generator=generator).to(args.device)
+    targets = torch.randint(32000, (args.batch,), generator=generator).to(args.device)
+    trainers = {
+        name: Trainer.create(name.split("-")[0], model, ids, targets, args)
+        for name, model in models.items()
+    }
+
+    times = time_round_robin(trainers, args.steps, args.warmup, args.device)
+    work = adapter_work_ms(trainers, args)
+    rows = {}
+    for name, trainer in trainers.items():
+        trainable, file_bytes, raw = adapter_sizes(trainer.model)
+        extra = step_extra_bytes(trainer, args.device)
+        state = adapter_state_bytes(trainer)
+        held = base_bytes(trainer.model) + state["params"] + state["optimiser"]
+        rows[name] = {
+            "trainable": trainable,
+            "file": file_bytes,
+            "raw": raw,
+            "ms": statistics.median(times[name]) * 1e3,
+            "extra": extra,
+            "state": sum(state.values()),
+            "peak": held + extra,
+            "work": work[name],
+            "ops": kernel_ops(trainer),
+        }
+    print_report(args, rows, times)
+
+
+if __name__ == "__main__":
+    main()
