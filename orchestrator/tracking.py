@@ -309,6 +309,59 @@ def child_runs(uri: str, parent_run_id: str) -> list[RunRecord]:
             return records
 
 
+def experiments(uri: str) -> dict[str, str]:
+    """{name: id} of every active (not deleted) experiment at `uri`."""
+    client, out, token = _client(uri), {}, None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        out.update({e.name: e.experiment_id for e in page})
+        token = page.token
+        if not token:
+            return out
+
+
+def search_runs(
+    uri: str, experiment_ids: list[str], filter_string: str = "", order_by: list[str] | None = None
+) -> list[RunRecord]:
+    """Every run of `experiment_ids` matching MLflow's `filter_string` (all pages), oldest first by default.
+
+    For example `search_runs(uri, [eid], "tags.kind = 'sweep' and tags.sweep = 'demo'")`.
+    """
+    client, records, token = _client(uri), [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            order_by=order_by or ["attributes.start_time ASC"],
+            max_results=1000,
+            page_token=token,
+        )
+        records += [
+            RunRecord(
+                run_id=r.info.run_id,
+                name=r.info.run_name,
+                status=r.info.status,
+                tags=dict(r.data.tags),
+                metrics=dict(r.data.metrics),
+                params=dict(r.data.params),
+            )
+            for r in page
+        ]
+        token = page.token
+        if not token:
+            return records
+
+
+def download_artifact(uri: str, run_id: str, path: str, dst_dir: str | os.PathLike) -> Path | None:
+    """Download the artifact file `path` (e.g. 'reliability/test_demo_n0.png') of a run into
+    `dst_dir`; returns the local file, or None when the run has no such artifact."""
+    client = _client(uri)
+    folder = posixpath.dirname(path) or None
+    if path not in {f.path for f in client.list_artifacts(run_id, folder) if not f.is_dir}:
+        return None
+    return Path(client.download_artifacts(run_id, path, str(dst_dir)))
+
+
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     """Write `text` as the artifact `artifact_file` (for example 'config/resolved.yaml')."""
     _client(uri).log_text(run_id, text, artifact_file)
