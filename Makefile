@@ -11,10 +11,13 @@ PIP_INSTALL := $(BIN)/python -m pip install --quiet --constraint requirements/lo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/lock.txt
+# laplace-torch (the LAP baseline) goes in by itself with --no-deps: its declared torchvision is a
+# CUDA build on PyPI that breaks `import transformers` beside the CPU torch (requirements/laplace.txt).
+$(STAMP): pyproject.toml requirements/lock.txt requirements/laplace.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) torch
 	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) --no-deps -r requirements/laplace.txt
 	touch $(STAMP)
 
 lint: install

@@ -1,4 +1,4 @@
-"""The adapter configuration: one validated dataclass for LoRA, BLoB and Me-LoRA.
+"""The adapter configuration: one validated dataclass for LoRA, BLoB, Me-LoRA and the baselines.
 
 Every field has a one-line `help`; invalid values raise `ConfigError` on construction, naming the
 field, the value and what is allowed, so that a bad config fails before any compute starts.
@@ -13,7 +13,8 @@ from typing import Any
 
 from melora.errors import ConfigError
 
-METHODS = ("lora", "blob", "melora")
+METHODS = ("lora", "blob", "melora", "mcd", "ens", "lap")
+SAMPLING_METHODS = ("blob", "melora", "mcd")  # whose N-sample predictive draws something
 KL_VARIANCES = ("paper", "exact")
 SAMPLE_GRANULARITIES = ("batch", "example")
 
@@ -29,7 +30,9 @@ class AdapterConfig:
 
     method: str = field(
         default="melora",
-        metadata={"help": "Adapter: 'lora' (also MAP and MC dropout), 'blob' or 'melora'."},
+        metadata={
+            "help": "Adapter: 'lora' (MAP), 'blob', 'melora', or a baseline on LoRA layers: 'mcd' (MC dropout), 'ens' (ensemble of LoRA seeds), 'lap' (post-hoc Laplace)."
+        },
     )
     r: int = field(default=8, metadata={"help": "Rank of the low-rank update (r >= 1)."})
     alpha: float = field(
@@ -39,7 +42,7 @@ class AdapterConfig:
     dropout: float = field(
         default=0.1,
         metadata={
-            "help": "Dropout on the adapter's input, in [0, 1); > 0 with method 'lora' and sampling gives MC dropout."
+            "help": "Dropout on the adapter's input in training, in [0, 1); method 'mcd' needs > 0 (the paper: 0.1) and keeps it on at test."
         },
     )
     target_modules: tuple[str, ...] = field(
@@ -96,6 +99,11 @@ class AdapterConfig:
             raise ConfigError(
                 f"adapter.dropout={self.dropout!r} is out of range: allowed is 0 <= dropout < 1"
             )
+        if self.method == "mcd" and self.dropout == 0.0:
+            raise ConfigError(
+                "adapter.method='mcd' with adapter.dropout=0.0: MC dropout averages predictions "
+                "over dropout masks, so it needs dropout > 0; set adapter.dropout (the paper: 0.1)"
+            )
         if (
             not isinstance(self.target_modules, tuple)
             or not self.target_modules
@@ -121,6 +129,16 @@ class AdapterConfig:
     def is_bayesian(self) -> bool:
         """True for the methods with a variational posterior and a KL term (BLoB, Me-LoRA)."""
         return self.method in ("blob", "melora")
+
+    @property
+    def samples_at_test(self) -> bool:
+        """Whether the N-sample predictive (N >= 1) draws anything in the adapter layers.
+
+        BLoB and Me-LoRA draw from their posterior, MCD draws dropout masks. LoRA (MAP), the
+        members of ENS and LAP's MAP adapter are deterministic: their N >= 1 rows are the mean
+        prediction (LAP samples in function space instead: `melora.baselines.laplace`).
+        """
+        return self.method in SAMPLING_METHODS
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

@@ -148,13 +148,12 @@ class MeLoraLinear(LoraLinear):
         if not sample:
             v = F.linear(u, self.lora_M)
         elif self.config.sample_granularity == "batch" or u.dim() == 1:
-            C = self.lora_M + self.omega * torch.randn_like(self.lora_M)
+            C = torch.addcmul(self.lora_M, self.omega, torch.randn_like(self.lora_M))
             v = F.linear(u, C)
         else:  # one C per example: u is (b, ..., r), C is (b, r, r)
             b = u.shape[0]
-            C = self.lora_M + self.omega * torch.randn(
-                b, self.r, self.r, device=u.device, dtype=u.dtype
-            )
+            E = torch.randn(b, self.r, self.r, device=u.device, dtype=u.dtype)
+            C = torch.addcmul(self.lora_M, self.omega, E)
             v = torch.einsum("b...l,bkl->b...k", u, C)
         return F.linear(v, self.lora_B)
 
@@ -258,4 +257,9 @@ LAYER_CLASSES: dict[str, type[LoraLinear]] = {
     "lora": LoraLinear,
     "blob": BlobLinear,
     "melora": MeLoraLinear,
+    # the baselines are LoRA layers: MCD keeps dropout on at test ("sample" mode), ENS averages
+    # several LoRA adapters, LAP fits a Laplace approximation around one (melora.baselines)
+    "mcd": LoraLinear,
+    "ens": LoraLinear,
+    "lap": LoraLinear,
 }

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from melora.baselines.laplace import LaplaceConfig
 from melora.config import AdapterConfig
 from melora.errors import ConfigError
 from melora.objective import KL_WEIGHTINGS
@@ -412,6 +413,7 @@ SECTIONS: dict[str, type] = {
     "task": TaskConfig,
     "optim": OptimConfig,
     "eval": EvalConfig,
+    "laplace": LaplaceConfig,
     "scaling": ScalingConfig,
     "tracking": TrackingConfig,
 }
@@ -450,6 +452,12 @@ class RunConfig:
     )
     eval: EvalConfig = field(
         default_factory=EvalConfig, metadata={"help": "Validation and final evaluation."}
+    )
+    laplace: LaplaceConfig = field(
+        default_factory=LaplaceConfig,
+        metadata={
+            "help": "LAP only (adapter.method 'lap'): the Laplace fit, prior tuning and predictive."
+        },
     )
     scaling: ScalingConfig = field(
         default_factory=ScalingConfig, metadata={"help": "Ray Train workers and ZeRO."}
@@ -634,6 +642,24 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 def _check_combinations(cfg: RunConfig) -> None:
     """Options that are valid one by one but cannot run together."""
+    if cfg.adapter.method == "lap" and cfg.scaling.zero_stage == 3:
+        raise ConfigError(
+            "adapter.method='lap' with scaling.zero_stage=3 cannot run: the Laplace step after "
+            "training (laplace-torch's KFAC and Jacobians) needs every weight whole in each "
+            "worker, and ZeRO-3 partitions them. Use scaling.zero_stage 2 (an adapter trains the "
+            "same), or train adapter.method 'lora' under ZeRO-3 and run "
+            "`python jobs/evaluate.py --laplace <MLflow run id>` on one machine that holds the model"
+        )
+    if (
+        cfg.adapter.method == "lap"
+        and cfg.laplace.prior_tuning == "gridsearch"
+        and cfg.task.split_policy == "blob"
+    ):
+        raise ConfigError(
+            "laplace.prior_tuning='gridsearch' with task.split_policy='blob': the gridsearch "
+            "tunes the prior precision on the validation split, and the 'blob' policy has none. "
+            "Use laplace.prior_tuning 'marglik', or task.split_policy 'paper' or 'laplace'"
+        )
     dtype = cfg.model.resolved_dtype(on_gpu=cfg.scaling.use_gpu)
     if cfg.scaling.zero_stage == 0 and dtype == "bfloat16":
         raise ConfigError(

@@ -59,6 +59,11 @@ class TrainState:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: {"run": RunConfig dict, "mlflow_run_id", "tracking_uri", ...}."""
     run = RunConfig.from_dict(config["run"])
+    if run.adapter.method == "ens":
+        raise ValueError(
+            "adapter.method='ens' is not one training run: train its LoRA members and evaluate "
+            "them together with orchestrator.ensemble.fit_ensemble (the sweep does this)"
+        )
     on_gpu = run.scaling.use_gpu and torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
@@ -125,9 +130,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 engine, state, best_adapter, {**train_metrics, **val, "step": state.step}, rank
             )
 
-    # --- finish: the best adapter on the test and OOD sets
+    # --- finish: the best adapter on the test and OOD sets (LAP: its Laplace predictive)
     load_adapter_state(engine.module, best_adapter)
-    final, predictions = evaluate_final(engine, data, run)
+    if run.adapter.method == "lap":
+        from orchestrator.laplace_step import evaluate_final_laplace
+
+        final, predictions = evaluate_final_laplace(engine.module, data, run)
+    else:
+        final, predictions = evaluate_final(engine, data, run)
     final["best_step"] = state.best_step or state.step
     with tempfile.TemporaryDirectory() as tmp, gathered(engine.module):
         if rank == 0:
@@ -336,7 +346,8 @@ def validate(engine, data: TaskData, run: RunConfig) -> dict[str, float]:
     """`val/<metric>` on the validation split at N = eval.val_n_samples ({} without a validation split)."""
     if data.validation is None:
         return {}
-    probs, labels = sharded_predict(engine.module, data, data.validation, run.eval.val_n_samples)
+    n = run.eval.val_n_samples if run.adapter.samples_at_test else 0
+    probs, labels = sharded_predict(engine.module, data, data.validation, n)
     return {f"val/{k}": v for k, v in M.compute_all(probs, labels, run.eval.ece_bins).items()}
 
 
@@ -344,17 +355,21 @@ def evaluate_final(
     engine, data: TaskData, run: RunConfig
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """`test/<task>/<metric>_n<N>` and `ood/<task>/<metric>_n<N>` (with `auroc`) at every N,
-    and the predictions `{"test/<task>/n<N>": (probs, labels), ...}` for the reliability diagrams."""
+    and the predictions `{"test/<task>/n<N>": (probs, labels), ...}` for the reliability diagrams.
+
+    Only methods that sample at test (BLoB, Me-LoRA, MCD: `AdapterConfig.samples_at_test`) draw
+    at N >= 1; LoRA's rows at every N are its mean (dropout-free) prediction."""
     out: dict[str, float] = {}
     predictions: dict[str, Any] = {}
     for n in run.eval.n_samples:
-        reseed(run.seed, 10**9 + n, data.rank)
-        id_probs, id_labels = sharded_predict(engine.module, data, data.test, n)
+        drawn = n if run.adapter.samples_at_test else 0
+        reseed(run.seed, 10**9 + drawn, data.rank)
+        id_probs, id_labels = sharded_predict(engine.module, data, data.test, drawn)
         predictions[f"test/{run.task.name}/n{n}"] = (id_probs, id_labels)
         for k, v in M.compute_all(id_probs, id_labels, run.eval.ece_bins).items():
             out[f"test/{run.task.name}/{k}_n{n}"] = v
         for name, dataset in data.ood.items():
-            probs, labels = sharded_predict(engine.module, data, dataset, n)
+            probs, labels = sharded_predict(engine.module, data, dataset, drawn)
             predictions[f"ood/{name}/n{n}"] = (probs, labels)
             for k, v in M.compute_all(probs, labels, run.eval.ece_bins).items():
                 out[f"ood/{name}/{k}_n{n}"] = v

@@ -1,0 +1,187 @@
+"""LAP as the last step of a trial: a KFAC Laplace approximation around the trained MAP adapter.
+
+    final, predictions = evaluate_final_laplace(engine.module, data, run)   # in the worker
+
+It replaces `worker.evaluate_final` for `adapter.method: lap` and gives the same keys
+(`test/<task>/<metric>_n<N>`, `ood/<task>/<metric>_n<N>` with `auroc`) plus `lap/*`:
+N = 0 is the MAP prediction, N >= 1 the linearised (GLM) predictive with N logit samples
+(`melora.baselines.laplace`).
+
+Across Ray Train workers: laplace-torch fits in one process, so every rank fits the same KFAC
+on the whole training set (the curvature is a sum over it; the fit is a small part of the
+cost). The prior-precision gridsearch and the predictions, where the Jacobians cost most, are
+sharded over the ranks: the validation NLL per grid value is summed over ranks, and the
+predictions are gathered like `worker.sharded_predict`'s. Rank 0's prior precision is broadcast,
+so every rank predicts with the same posterior. ZeRO-3 is refused by config validation (the
+weights must be whole); `jobs/evaluate.py --laplace <run>` is the way there.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from melora.baselines.laplace import LaplaceLoRA
+from melora.evaluation import metrics_of
+from melora.tasks import make_loader
+from orchestrator.config import RunConfig
+from orchestrator.trainer import RunResult
+
+LAP_SEED_OFFSET = 2 * 10**9  # MC draws of the Laplace predictive: their own stream per (seed, rank)
+
+
+def evaluate_final_laplace(module, data, run: RunConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, predictions) of LAP around `module`'s current (best) adapter; see the module doc.
+
+    `data` is the worker's `TaskData` (its `train`, `validation`, `test`, `ood` sets, `tokenizer`,
+    `rank`, `world`). The module's LoRA layers are swapped for Laplace views during the step and
+    put back after it.
+    """
+    cfg, t = run.laplace, run.task
+    rank, world = data.rank, data.world
+    generator = torch.Generator().manual_seed(run.seed * 1_000_003 + LAP_SEED_OFFSET + rank)
+    fit_loader = make_loader(
+        data.train, data.tokenizer, cfg.fit_batch_size, max_length=t.max_length
+    )
+    with LaplaceLoRA(module, cfg) as lap:
+        lap.fit(fit_loader)
+        val_loader = None
+        if cfg.prior_tuning == "gridsearch":
+            _, val_loader = _shard(data, data.validation, cfg.predict_batch_size)
+        lap.tune_prior_precision(val_loader, all_reduce=_sum_over_ranks(world), generator=generator)
+        if world > 1:  # the same posterior on every rank, whatever rounding made of the fit
+            prior = lap.prior_precision.to(_comm_device())
+            dist.broadcast(prior, src=0)
+            lap.prior_precision = prior.cpu()
+        t0 = time.perf_counter()
+        n_samples = run.eval.n_samples
+        test = _sharded_sets(lap, data, {t.name: data.test}, n_samples, "test", generator)
+        ood = _sharded_sets(lap, data, data.ood, n_samples, "ood", generator)
+        predict_seconds = time.perf_counter() - t0
+        prior = lap.prior_precision
+        memory = lap.memory_bytes()
+        info = {
+            "lap/prior_precision": float(prior.mean()),
+            "lap/log_marglik": lap.log_marginal_likelihood(),
+            "lap/fit_seconds": lap.fit_seconds or 0.0,
+            "lap/tune_seconds": lap.tune_seconds or 0.0,
+            "lap/predict_seconds": predict_seconds,
+            "lap/kfac_bytes": float(memory["factors"]),
+            "lap/kfac_eig_bytes": float(memory["eigendecomposition"]),
+        }
+    final = metrics_of(test, run.eval.ece_bins)
+    final.update(metrics_of(ood, run.eval.ece_bins, id_predictions=test, id_task=t.name))
+    final.update(info)
+    return final, {**test, **ood}
+
+
+def _shard(data, dataset, batch_size: int):
+    """This rank's slice of `dataset` (padded by wrapping, so every rank runs as many batches)."""
+    n = len(dataset)
+    per_rank = math.ceil(n / (data.world * batch_size)) * batch_size
+    indices = [(data.rank * per_rank + i) % n for i in range(per_rank)]
+    loader = make_loader(
+        dataset.select(indices), data.tokenizer, batch_size, max_length=data.run.task.max_length
+    )
+    return indices, loader
+
+
+def _sharded_sets(lap: LaplaceLoRA, data, sets, n_samples, prefix: str, generator):
+    """`{"<prefix>/<task>/n<N>": (probs, labels)}` over all ranks, rows in dataset order."""
+    out = {}
+    for name, dataset in sets.items():
+        indices, loader = _shard(data, dataset, lap.config.predict_batch_size)
+        local = lap.predict(loader, n_samples, generator)
+        payload = (indices, {n: p for n, (p, _) in local.items()}, local[n_samples[0]][1])
+        gathered: list[Any] = [None] * data.world
+        if data.world > 1:
+            dist.all_gather_object(gathered, payload)
+        else:
+            gathered = [payload]
+        rows: dict[int, tuple[dict[int, torch.Tensor], torch.Tensor]] = {}
+        for idx, probs, labels in gathered:
+            for j, i in enumerate(idx):
+                rows.setdefault(i, ({n: p[j] for n, p in probs.items()}, labels[j]))
+        order = sorted(rows)
+        labels = torch.stack([rows[i][1] for i in order])
+        for n in n_samples:
+            out[f"{prefix}/{name}/n{n}"] = (torch.stack([rows[i][0][n] for i in order]), labels)
+    return out
+
+
+def _sum_over_ranks(world: int):
+    """An in-place sum over the ranks (None for a single process)."""
+    if world <= 1:
+        return None
+
+    def all_reduce(tensor: torch.Tensor) -> None:
+        on_device = tensor.to(_comm_device())
+        dist.all_reduce(on_device)
+        tensor.copy_(on_device.cpu())
+
+    return all_reduce
+
+
+def _comm_device() -> torch.device:
+    """Where collectives take their tensors: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----- post hoc, on a finished run --------------------------------------------------------------------
+def laplace_from_run(
+    map_run_id: str,
+    uri: str,
+    overrides: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    sweep: str | None = None,
+) -> RunResult:
+    """LAP around the adapter of a finished LoRA (or LAP) run, as a new MLflow run (method lap).
+
+    The MAP run's resolved config with `adapter.method: lap` and `overrides` (e.g.
+    {"laplace.link_approx": "probit"}) is the new run's config; it gets the tag `map_run` and the
+    param `laplace.map_run_id`. One process, the base model whole (on a GPU with
+    `scaling.use_gpu`): a MAP run trained under ZeRO-3 is fine here (its config is logged with
+    zero_stage 2, the stage LAP's config allows; the MAP run keeps its own).
+    """
+    from melora.adapters import attach, load_adapter, read_adapter_config
+    from orchestrator.posthoc import (
+        PosthocError,
+        download_adapter,
+        finished_run_config,
+        log_evaluation,
+        tracked_run,
+        whole_model,
+    )
+    from orchestrator.worker import TaskData
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = finished_run_config(uri, map_run_id, tmp)
+        if source.adapter.method not in ("lora", "lap"):
+            raise PosthocError(
+                f"MLflow run {map_run_id} trained adapter.method {source.adapter.method!r}: LAP "
+                "needs a LoRA (MAP) adapter, a run of method 'lora' or 'lap'"
+            )
+        d = source.to_dict()
+        d["adapter"]["method"] = "lap"
+        d["name"] = f"{source.name}-lap" if source.name else None
+        d["tracking"]["tracking_uri"] = uri
+        if d["scaling"]["zero_stage"] == 3:
+            d["scaling"]["zero_stage"] = 2
+        run = RunConfig.from_dict(d).with_overrides(overrides or {})
+        adapter_dir = download_adapter(uri, map_run_id, tmp)
+        extra = {"laplace.map_run_id": map_run_id}
+        with tracked_run(run, {"map_run": map_run_id}, extra, parent_run_id, sweep) as (_, run_id):
+            tokenizer, model, _ = whole_model(run)
+            attach(model, read_adapter_config(adapter_dir))
+            load_adapter(model, adapter_dir)
+            data = TaskData(run, tokenizer, rank=0, world=1)
+            final, predictions = evaluate_final_laplace(model, data, run)
+            log_evaluation(uri, run_id, run, final, predictions)
+    return RunResult(mlflow_run_id=run_id, tracking_uri=uri, metrics=final, path="")
