@@ -282,31 +282,8 @@ class RunRecord:
 
 def child_runs(uri: str, parent_run_id: str) -> list[RunRecord]:
     """Every run whose parent is `parent_run_id` (a sweep's trials), oldest first."""
-    client = _client(uri)
-    parent = client.get_run(parent_run_id)
-    records, token = [], None
-    while True:
-        page = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=1000,
-            page_token=token,
-        )
-        records += [
-            RunRecord(
-                run_id=r.info.run_id,
-                name=r.info.run_name,
-                status=r.info.status,
-                tags=dict(r.data.tags),
-                metrics=dict(r.data.metrics),
-                params=dict(r.data.params),
-            )
-            for r in page
-        ]
-        token = page.token
-        if not token:
-            return records
+    experiment_id = _client(uri).get_run(parent_run_id).info.experiment_id
+    return search_runs(uri, [experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
 def experiments(uri: str) -> dict[str, str]:
