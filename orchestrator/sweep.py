@@ -89,8 +89,14 @@ class SweepOutcome:
         return [t for t in self.trials if t.status in ("RUNNING", "MISSING")]
 
 
-def run_sweep(plan: SweepPlan, resume: bool = False, address: str | None = None) -> SweepOutcome:
-    """Run (or with `resume`, continue) the sweep on Ray Tune; returns what MLflow has at the end."""
+def run_sweep(
+    plan: SweepPlan, resume: bool = False, address: str | None = None, trainable=None
+) -> SweepOutcome:
+    """Run (or with `resume`, continue) the sweep on Ray Tune; returns what MLflow has at the end.
+
+    `trainable` replaces the trial body, `train_trial` by default (same signature: config, plan);
+    benchmarks/sweep_scheduling.py passes a placeholder that only holds a trial's resources.
+    """
     from orchestrator.trainer import init_ray
 
     state = _read_state(plan)
@@ -132,7 +138,8 @@ def run_sweep(plan: SweepPlan, resume: bool = False, address: str | None = None)
         f"MLflow parent run {parent}",
         flush=True,
     )
-    tuner = _tuner(plan, parent, concurrency, restore=bool(state) and _can_restore(plan))
+    restore = bool(state) and _can_restore(plan)
+    tuner = _tuner(plan, parent, concurrency, restore=restore, trainable=trainable)
     tuner.fit()  # trial failures are in MLflow and in Tune's saved experiment, read back next
     outcome = collect(plan, parent)
     _finish_parent(outcome)
@@ -368,11 +375,15 @@ def _trial_run(config: Mapping[str, Any], plan: Mapping[str, Any]) -> RunConfig:
     return RunConfig.from_dict(plan["base"]).with_overrides({**values, "name": name})
 
 
-def _tuner(plan: SweepPlan, parent_run_id: str, concurrency: int, restore: bool):
-    """A new Tuner for the sweep, or Tune's saved experiment restored (--resume)."""
+def _tuner(plan: SweepPlan, parent_run_id: str, concurrency: int, restore: bool, trainable=None):
+    """A new Tuner for the sweep, or Tune's saved experiment restored (--resume).
+
+    `trainable`: the trial body (default `train_trial`), given the sweep's plain data as `plan`.
+    """
     data = _plan_data(plan, parent_run_id)
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, plan=data), {"CPU": float(plan.sweep.driver_cpus)}
+        tune.with_parameters(trainable or train_trial, plan=data),
+        {"CPU": float(plan.sweep.driver_cpus)},
     )
     if restore:
         return tune.Tuner.restore(
