@@ -105,3 +105,34 @@ def test_killed_sweep_resumes_only_what_was_left(tmp_path: Path, tiny_sweep, sto
     )
     assert "results of sweep killed" in again.stdout and "did not finish" not in again.stderr
     print(f"resume took {resume_s:.0f} s")  # shown with -s; the budget note is in the README
+
+    # jobs/report.py's table, rendered from these runs, shows the runs' own metrics
+    from orchestrator.report import build_report
+
+    md = build_report(uri, "sweep-tests", sweep="killed").markdown()
+    cells = markdown_cells(md, "Trained on demo: in-distribution and OOD sets")
+    n_used = dict(
+        item.split(" ")
+        for item in md.split("N (posterior samples) per row: ", 1)[1].split(".")[0].split(", ")
+    )
+    for r in children:
+        row = {"killed-lora-seed1": "LoRA", "killed-melora-seed1": "Me-LoRA"}[r.info.run_name]
+        for metric, label, scale in (("acc", "ACC", 100), ("ece", "ECE", 100), ("nll", "NLL", 1)):
+            for split, task in (("test", "demo"), ("ood", "demo_ood")):
+                value = r.data.metrics[f"{split}/{task}/{metric}_n{n_used[row]}"] * scale
+                shown = (
+                    cells[(label, row)][task].strip("*").replace("<ins>", "").replace("</ins>", "")
+                )
+                assert shown == f"{value:.2f}", (row, metric, task)
+
+
+def markdown_cells(markdown: str, title: str) -> dict[tuple[str, str], dict[str, str]]:
+    """{(metric label, method row): {column: cell}} of the Markdown table under '## <title>'."""
+    lines = markdown.split(f"## {title}\n", 1)[1].strip("\n").split("\n\n", 1)[0].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out, metric = {}, None
+    for line in lines[2:]:
+        row = [c.strip() for c in line.strip("|").split("|")]
+        metric = row[0].split()[0] if row[0] else metric
+        out[(metric, row[1])] = dict(zip(header[2:], row[2:], strict=True))
+    return out
