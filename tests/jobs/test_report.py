@@ -444,3 +444,48 @@ def test_errors_say_what_is_missing(store: Store, tmp_path: Path, capsys) -> Non
     missing = f"sqlite:///{tmp_path / 'none.db'}"
     assert cli.main(["--experiment", "t2", "--tracking-uri", missing]) == 1
     assert "no MLflow database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+def test_all_six_method_rows_of_the_paper(tmp_path: Path) -> None:
+    """MAP, MCD, ENS, LAP, BLoB and Me-LoRA runs, tagged as the sweep and the baselines tag them,
+    each get their row, in the paper's order, with the N the report takes for that method."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment("six", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = _sweep(client, eid, "six")
+    rows = {  # method tag -> (params, row, N the report takes, level of test acc)
+        "lora": ({"optim.weight_decay": "1e-05"}, "MAP", 0, 0.70),
+        "mcd": ({"optim.weight_decay": "1e-05", "adapter.dropout": "0.1"}, "MCD", 10, 0.71),
+        "ens": ({"optim.weight_decay": "1e-05"}, "ENS", 0, 0.72),
+        "lap": ({"optim.weight_decay": "1e-05"}, "LAP", 10, 0.73),
+        "blob": ({"optim.weight_decay": "0.0"}, "BLoB", 1, 0.74),
+        "melora": (
+            {"optim.weight_decay": "0.0", "adapter.prior_noise": "True"},
+            "Me-LoRA",
+            1,
+            0.75,
+        ),
+    }
+    logged = {}
+    for method, (params, _, _, level) in rows.items():
+        for seed in (1, 2):
+            metrics = {}
+            for n in (0, 1, 10):
+                for metric in ("acc", "ece", "nll", "brier"):
+                    metrics[f"test/arc_easy/{metric}_n{n}"] = level + 0.01 * seed + 0.001 * n
+            logged[(method, seed)] = metrics
+            _trial(
+                client, eid, parent, "six", f"six-{method}-seed{seed}", method, "arc_easy",
+                seed, {**params, "task.ood_tasks": "[]"}, metrics, "FINISHED",
+            )  # fmt: skip
+    md = build_report(uri, "six").markdown()
+    table = md_table(md, "In-distribution: test sets")
+    assert [row for metric, row in table if metric == "ACC"] == [
+        "MAP", "MCD", "ENS", "LAP", "BLoB", "Me-LoRA"
+    ]  # fmt: skip
+    for method, (_, row, n, _) in rows.items():
+        values = np.array([logged[(method, s)][f"test/arc_easy/acc_n{n}"] for s in (1, 2)]) * 100
+        assert (
+            plain(table[("ACC", row)]["ARC-E"]) == f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+        )
+    assert "N (posterior samples) per row: MAP 0, MCD 10, ENS 0, LAP 10, BLoB 1, Me-LoRA 1." in md
