@@ -32,13 +32,7 @@ from melora.tasks import demo_model_config, demo_tokenizer, load_task, make_load
 TOKENIZER = demo_tokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def demo_model(config: melora.AdapterConfig, adapter_seed: int = 1) -> nn.Module:

@@ -30,13 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = demo_tokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def demo_config(tmp_path: Path, **overrides) -> RunConfig:
