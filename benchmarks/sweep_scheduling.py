@@ -14,7 +14,8 @@ workers hold them), sleeps for the trial's estimated duration scaled down, and r
 
 Ray starts on this machine with logical resources only (--nodes x --gpus-per-node GPUs and
 --cpus-per-node CPUs each, declared as one Ray node): nothing uses a real GPU, no model is loaded,
-torch is never imported in a trial. A trial's estimated duration is README's GPU-hours assumption:
+torch is never imported in a trial. ENS trials are left out: they train nothing (the sweep averages
+their members' predictions after Tune). A trial's estimated duration is README's GPU-hours assumption:
 max_steps x step time (0.6 s Llama2-13B, 0.35 s Llama2-7B, on 4 GPUs) x 1.1 (validation every 100
 steps, final evaluation, start-up); --boolq-factor scales BoolQ trials (README: about 5x in the
 paper's own times; 1 by default, as in README's table).
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("search", "scheduler", "driver_cpus", "max_concurrent_trials"):
             if getattr(plan.sweep, key) != getattr(first.sweep, key):
                 raise SystemExit(f"{plan.name}: sweep.{key} differs from {first.name}'s")
-    trials = [t for plan in plans for t in plan.trials]
+    trials = [t for plan in plans for t in plan.trials if t.tuned]  # ENS trials train nothing
     if args.order == "longest-first":
         trials.sort(key=lambda t: -hours[t.name])  # stable: YAML order among equals
     combined = dataclasses.replace(first, name="paper_grid_sim", trials=trials)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     slots = combined.max_concurrent(ray.cluster_resources())
     wall0 = time.time()
-    run_sweep(combined, trainable=make_placeholder(table))
+    run_sweep(combined, trainable=make_placeholder(table), evaluate_ensembles=False)
     wall = time.time() - wall0
 
     from ray import tune
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "queue: all experiments as one combined sweep, order "
-        f"{args.order}: " + ", ".join(f"{p.name} {p.num_trials}" for p in plans)
+        f"{args.order}, trained trials (ENS trials train nothing): "
+        + ", ".join(f"{p.name} {sum(t.tuned for t in p.trials)}" for p in plans)
     )
     for n, per in sorted(shape):
         print(

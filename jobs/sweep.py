@@ -2,7 +2,8 @@
 
     python jobs/sweep.py                                  # the demo sweep: local Ray + MLflow, CPU
     python jobs/sweep.py --config jobs/configs/table2_id_13b.yaml --dry-run
-    python jobs/sweep.py --config jobs/configs/demo.yaml --set sweep.grid.seed=[1] --name demo-s1
+    python jobs/sweep.py --config jobs/configs/table2_id_13b.yaml --set sweep.grid.seed=[1] --name table2-s1 --dry-run
+    python jobs/sweep.py --set sweep.grid.method.lora.seed=[3] --name demo-lora3   # one row's seeds
     python jobs/sweep.py --resume                         # continue the demo sweep where it stopped
 
 The YAML's base values are each trial's run (as `jobs/train.py` reads them); its `sweep:` section

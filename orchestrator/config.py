@@ -527,6 +527,15 @@ class RunConfig:
             kwargs[key] = value
         return cls(**kwargs)
 
+    def ensemble_member(self, seed: int) -> RunConfig:
+        """The LoRA training run that serves an ENS run as its member of seed `seed`: this config
+        with adapter.method 'lora', that seed and no name (orchestrator/ensemble.py)."""
+        d = self.to_dict()
+        d["adapter"]["method"] = "lora"
+        d["seed"] = seed
+        d["name"] = None
+        return RunConfig.from_dict(d)
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
         """A new validated config with dotted keys replaced, e.g. {'adapter.sigma_p': 0.1}."""
         d = self.to_dict()

@@ -49,15 +49,6 @@ _FREE_PARAMS = ("name", "seed", "adapter.method", "tracking.", "laplace.", "eval
                 "eval.batch_size", "scaling.max_failures")  # fmt: skip
 
 
-def member_config(run: RunConfig, seed: int) -> RunConfig:
-    """The LoRA training run of member `seed`: the ENS run's config with method lora, that seed."""
-    d = run.to_dict()
-    d["adapter"]["method"] = "lora"
-    d["seed"] = seed
-    d["name"] = None
-    return RunConfig.from_dict(d)
-
-
 def _matches(member: RunConfig, params: dict[str, str]) -> bool:
     for key, value in member.flat_params().items():
         if key.startswith(_FREE_PARAMS):
@@ -71,7 +62,7 @@ def find_member_runs(
     uri: str, run: RunConfig, seeds: Sequence[int], sweep: str | None = None
 ) -> dict[int, str]:
     """{seed: run id} of FINISHED LoRA runs in the run's experiment that can serve as members:
-    same task, tag seed, and params equal to `member_config(run, seed)` outside `_FREE_PARAMS`.
+    same task, tag seed, and params equal to `run.ensemble_member(seed)` outside `_FREE_PARAMS`.
     Of several, a run of `sweep` is preferred, then the newest."""
     experiment_id = tracking.ensure_experiment(uri, run.tracking.experiment)
     records = tracking.search_runs(
@@ -81,7 +72,7 @@ def find_member_runs(
     )
     found: dict[int, str] = {}
     for seed in seeds:
-        member = member_config(run, seed)
+        member = run.ensemble_member(seed)
         usable = [
             r for r in records if r.tags.get("seed") == str(seed) and _matches(member, r.params)
         ]
@@ -122,7 +113,7 @@ def fit_ensemble(
         from orchestrator.trainer import fit_run
 
         for seed in missing:
-            found[seed] = fit_run(member_config(run, seed), parent_run_id, sweep).mlflow_run_id
+            found[seed] = fit_run(run.ensemble_member(seed), parent_run_id, sweep).mlflow_run_id
     return evaluate_ensemble_run(run, [found[s] for s in seeds], parent_run_id, sweep, tags)
 
 

@@ -1,4 +1,5 @@
-"""The paper's published numbers (Tables 2, 3, 4, 5, 8, 9), transcribed as data for `jobs/report.py --paper`.
+"""The paper's published numbers (Tables 2, 3, 4, 5, 8, 9), transcribed as data for `jobs/report.py --paper`,
+and its Table 6 training times (for benchmarks/gpu_hours.py).
 
 Source: `../shared/seed/me-lora-paper.txt`, the text extracted from the paper's PDF. Every cell is
 "mean std" as the paper prints mean_{std} over 3 seeds: ACC and ECE in percent, NLL raw. The
@@ -316,4 +317,26 @@ TABLE_9 = _table(9, "Llama2-7B", "ood",
 
 TABLES: dict[int, PaperTable] = {
     t.number: t for t in (TABLE_2, TABLE_3, TABLE_4, TABLE_5, TABLE_8, TABLE_9)
+}
+
+
+# ----- Table 6: training time ---------------------------------------------------------------------
+# Seconds to fine-tune for 5,000 steps on one GPU (the paper's Appendix B.1: an NVIDIA RTX 3090 for
+# Llama2-7B, an RTX A40 for Llama2-13B), per method and task. The only step times measured on a GPU
+# that this project has: benchmarks/gpu_hours.py estimates the tables' GPU-hours from them.
+TABLE6_GPU = {"Llama2-7B": "RTX 3090", "Llama2-13B": "RTX A40"}
+TABLE6_STEPS = 5000
+_T6_COLUMNS = ("winogrande_s", "winogrande_m", "arc_challenge", "arc_easy", "openbookqa", "boolq")
+# fmt: off
+_T6 = {
+    ("Llama2-7B", "LoRA"):     (1731, 2824, 2590, 1718, 2151, 11070),
+    ("Llama2-7B", "BLoB"):     (2475, 4395, 3601, 2479, 3095, 15267),
+    ("Llama2-7B", "Me-LoRA"):  (2699, 4214, 3972, 2697, 3297, 16840),
+    ("Llama2-13B", "LoRA"):    (2230, 3626, 3312, 2231, 2667, 14038),
+    ("Llama2-13B", "BLoB"):    (3401, 5396, 4908, 3423, 4044, 15244),
+    ("Llama2-13B", "Me-LoRA"): (3256, 5470, 4314, 3258, 4098, 21255),
+}
+# fmt: on
+TABLE6_SECONDS: dict[tuple[str, str], dict[str, int]] = {
+    key: dict(zip(_T6_COLUMNS, seconds, strict=True)) for key, seconds in _T6.items()
 }

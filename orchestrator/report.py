@@ -7,8 +7,8 @@
 Which runs. `experiment` names an MLflow experiment (or, failing that, a sweep anywhere in the
 store). In the experiment, the sweep is the parent run tagged `kind=sweep` (`--sweep` picks one
 when there are several; by default the one named like the experiment); its child runs are the
-trials (less the LoRA runs an ENS trial trained only as its members, which the sweep did not
-plan). An experiment without a sweep is read as standalone `jobs/train.py` runs. Only FINISHED
+trials, less the LoRA runs trained only as ENS members (tag sweep.role=ens_member, or trained by
+`fit_ensemble` itself outside the sweep's plan). An experiment without a sweep is read as standalone `jobs/train.py` runs. Only FINISHED
 runs enter the tables; the others are listed with their status and reason.
 
 Rows (the paper's method rows), from each run's `method` tag and params:
@@ -67,6 +67,7 @@ from pathlib import Path
 from melora.errors import MeLoraError
 from orchestrator import tracking
 from orchestrator.paper_tables import TABLES, PaperTable
+from orchestrator.sweep_config import ENS_MEMBER, ROLE_TAG
 
 DEFAULT_METRICS = ("acc", "ece", "nll")
 ROW_ORDER = ("MAP", "LoRA", "MCD", "ENS", "LAP", "BLoB", "Me-LoRA", "Me-LoRA w/o noise")
@@ -257,7 +258,8 @@ def build_report(
     helpers = _ensemble_helpers(uri, parent, records)
     if helpers:
         notes.append(
-            f"{len(helpers)} LoRA runs trained only as ENS members are not in the tables: "
+            f"{len(helpers)} LoRA run{'s' * (len(helpers) != 1)} trained only as ENS members "
+            "are not in the tables: "
             + ", ".join(sorted(r.name for r in records if r.run_id in helpers))
         )
     runs = _assign_rows([_to_run(r) for r in records if r.run_id not in helpers])
@@ -338,17 +340,19 @@ def _find_runs(uri: str, experiment: str, sweep: str | None):
 
 
 def _ensemble_helpers(uri: str, parent: str | None, records: list[tracking.RunRecord]) -> set[str]:
-    """Ids of the runs an ENS trial trained as its members (orchestrator.ensemble: LoRA seeds
-    4-9 for ENS seeds 2 and 3), which are not trials the sweep planned (its sweep/trials.json)."""
+    """Ids of the LoRA runs trained only as ENS members (LoRA seeds 4-9 for ENS seeds 2 and 3):
+    the sweep's member trials (tag sweep.role=ens_member), or members that `fit_ensemble` trained
+    itself, which are not trials the sweep planned (its sweep/trials.json)."""
+    tagged = {r.run_id for r in records if r.tags.get(ROLE_TAG) == ENS_MEMBER}
     members = {m for r in records for m in r.tags.get("ensemble_members", "").split(",") if m}
     if not members or parent is None:
-        return set()
+        return tagged
     with tempfile.TemporaryDirectory() as tmp:
         path = tracking.download_artifact(uri, parent, "sweep/trials.json", tmp)
         planned = {t.get("name") for t in json.loads(path.read_text())} if path else set()
     if not planned:  # optuna and standalone runs plan nothing ahead: keep every run
-        return set()
-    return {r.run_id for r in records if r.run_id in members and r.name not in planned}
+        return tagged
+    return tagged | {r.run_id for r in records if r.run_id in members and r.name not in planned}
 
 
 def _to_run(r: tracking.RunRecord) -> Run:
@@ -509,7 +513,23 @@ def _table(
                     )
     counts = collections.Counter(len(v) for v in values.values())
     usual = counts.most_common(1)[0][0] if counts else 0
-    odd = sorted({(row, c.label, len(v)) for (_, row, c), v in values.items() if len(v) != usual})
+    single_ens = [  # ENS seed 1 alone: its own note instead of "1 seeds"
+        row
+        for row in rows
+        if _base(row) == "ENS" and {len(v) for (_, r, _), v in values.items() if r == row} == {1}
+    ]
+    notes += [
+        f"{row}: one ensemble per column, so no std over seeds; ENS seeds 2 and 3 "
+        "(members: LoRA seeds 4-6 and 7-9) give one"
+        for row in single_ens
+    ]
+    odd = sorted(
+        {
+            (row, c.label, len(v))
+            for (_, row, c), v in values.items()
+            if len(v) != usual and row not in single_ens
+        }
+    )
     notes += [f"{row} x {label}: {k} seeds (the others {usual})" for row, label, k in odd]
     if paper is not None:
         notes += _paper_notes(paper, shown)

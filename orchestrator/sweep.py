@@ -11,6 +11,8 @@ builds the trial's `RunConfig` and calls `fit_run`, which fits a `TorchTrainer`;
 the trainer inside it, so the trials running at once are capped at what the cluster holds for
 whole trials (driver + workers): otherwise drivers could take every CPU and wait forever for
 their workers. Validation reports are forwarded from Ray Train to Tune (for ASHA and Optuna).
+ENS trials are not Tune trials: once Tune returns, `ensemble_step` evaluates each from its
+members' runs (trained trials of the same sweep; sweep_config.py says how they are planned).
 
 State lives in `<storage>/<sweep>/`: Tune's experiment, `sweep.json` (the MLflow parent run id,
 the config hash) and `runs/<run name>/` (each trial's Ray Train run with its MLflow run id).
@@ -37,9 +39,13 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from melora.errors import MeLoraError
 from orchestrator import tracking
 from orchestrator.config import RunConfig
 from orchestrator.sweep_config import (
+    ENS_MEMBER,
+    ENSEMBLE,
+    TRAINED,
     SweepError,
     SweepPlan,
     Trial,
@@ -66,6 +72,7 @@ class TrialOutcome:
     reason: str | None = None
     run: RunConfig | None = None
     values: dict[str, Any] = field(default_factory=dict)
+    role: str = TRAINED
 
 
 @dataclass
@@ -90,12 +97,18 @@ class SweepOutcome:
 
 
 def run_sweep(
-    plan: SweepPlan, resume: bool = False, address: str | None = None, trainable=None
+    plan: SweepPlan,
+    resume: bool = False,
+    address: str | None = None,
+    trainable=None,
+    evaluate_ensembles: bool = True,
 ) -> SweepOutcome:
-    """Run (or with `resume`, continue) the sweep on Ray Tune; returns what MLflow has at the end.
+    """Run (or with `resume`, continue) the sweep on Ray Tune, then evaluate its ENS trials from
+    their members' runs; returns what MLflow has at the end.
 
     `trainable` replaces the trial body, `train_trial` by default (same signature: config, plan);
-    benchmarks/sweep_scheduling.py passes a placeholder that only holds a trial's resources.
+    benchmarks/sweep_scheduling.py passes a placeholder that only holds a trial's resources, and
+    `evaluate_ensembles=False` (its placeholders leave no member runs to evaluate).
     """
     from orchestrator.trainer import init_ray
 
@@ -141,9 +154,45 @@ def run_sweep(
     restore = bool(state) and _can_restore(plan)
     tuner = _tuner(plan, parent, concurrency, restore=restore, trainable=trainable)
     tuner.fit()  # trial failures are in MLflow and in Tune's saved experiment, read back next
-    outcome = collect(plan, parent)
+    errors = ensemble_step(plan, parent) if evaluate_ensembles else {}
+    outcome = collect(plan, parent, errors)
     _finish_parent(outcome)
     return outcome
+
+
+def ensemble_step(plan: SweepPlan, parent_run_id: str) -> dict[str, str]:
+    """Evaluate each ENS trial from its members' FINISHED runs (`fit_ensemble`, a child run of the
+    sweep); one evaluated before (a resumed sweep) is not evaluated again. Returns {trial: reason}
+    for those that could not be: a member did not finish (it failed, or ASHA stopped it).
+
+    Each evaluation is a Ray task of its own (0 CPUs: it waits on the GPU task that
+    `evaluate_ensemble_run` starts with `scaling.use_gpu`, or evaluates on the CPU), so a table's
+    ensembles are evaluated side by side on the cluster's GPUs, not one after another.
+    """
+    import ray
+
+    ensembles = [t for t in plan.trials if t.role == ENSEMBLE]
+    if not ensembles:
+        return {}
+    evaluate = ray.remote(num_cpus=0, max_retries=0)(_evaluate_ensemble_trial)
+    refs = [evaluate.remote(t.run, parent_run_id, plan.name) for t in ensembles]
+    errors = {}
+    for t, reason in zip(ensembles, ray.get(refs), strict=True):
+        if reason is not None:
+            errors[t.name] = reason
+            print(f"[sweep] {t.name}: {reason}", flush=True)
+    return errors
+
+
+def _evaluate_ensemble_trial(run: RunConfig, parent_run_id: str, sweep: str) -> str | None:
+    """One ENS trial's evaluation (`fit_ensemble`, members already trained); None, or why not."""
+    from orchestrator.ensemble import fit_ensemble
+
+    try:
+        fit_ensemble(run, parent_run_id, sweep, train_missing=False)
+    except MeLoraError as err:
+        return f"not evaluated: {err}"
+    return None
 
 
 def train_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -231,8 +280,13 @@ def selected_validation(uri: str, run_id: str, metrics: Mapping[str, float]) -> 
     return vals
 
 
-def collect(plan: SweepPlan, parent_run_id: str) -> SweepOutcome:
+def collect(
+    plan: SweepPlan, parent_run_id: str, ensemble_errors: Mapping[str, str] | None = None
+) -> SweepOutcome:
     """Every trial as MLflow has it, reconciled with Tune's view, and the best trial.
+
+    An ENS trial without a run is FAILED with its reason in `ensemble_errors` (`ensemble_step`),
+    else MISSING (the sweep stopped before it).
 
     Tune's saved experiment says how each trial ended. A trial that Tune ended without an error but
     whose MLflow run is not FINISHED was stopped by the scheduler: KILLED (its process may have
@@ -241,7 +295,7 @@ def collect(plan: SweepPlan, parent_run_id: str) -> SweepOutcome:
     """
     uri, data = plan.tracking_uri, _plan_data(plan, parent_run_id)
     records = {r.name: r for r in tracking.child_runs(uri, parent_run_id)}
-    trials, tune_errors = list(plan.trials), {}
+    trials, tune_errors = list(plan.trials), dict(ensemble_errors or {})
     for trial in _tune_trials(plan):
         run = _trial_run(trial.config, data)
         if plan.sweep.search == "optuna":
@@ -268,7 +322,9 @@ def collect(plan: SweepPlan, parent_run_id: str) -> SweepOutcome:
         if record is None:
             status = "FAILED" if t.name in tune_errors else "MISSING"
             reason = tune_errors.get(t.name)
-            outcomes.append(TrialOutcome(t.name, t.row, status, None, {}, reason, t.run, t.values))
+            outcomes.append(
+                TrialOutcome(t.name, t.row, status, None, {}, reason, t.run, t.values, t.role)
+            )
             continue
         metrics = dict(record.metrics)
         if record.status == "FINISHED":
@@ -276,13 +332,23 @@ def collect(plan: SweepPlan, parent_run_id: str) -> SweepOutcome:
         reason = record.tags.get("failure_reason")
         outcomes.append(
             TrialOutcome(
-                t.name, t.row, record.status, record.run_id, metrics, reason, t.run, t.values
+                t.name,
+                t.row,
+                record.status,
+                record.run_id,
+                metrics,
+                reason,
+                t.run,
+                t.values,
+                t.role,
             )
         )
     done = [
         o
         for o in outcomes
-        if o.status == "FINISHED" and math.isfinite(o.metrics.get(plan.sweep.metric, math.nan))
+        if o.status == "FINISHED"
+        and o.role != ENS_MEMBER
+        and math.isfinite(o.metrics.get(plan.sweep.metric, math.nan))
     ]
     pick = max if plan.mode == "max" else min
     best = pick(done, key=lambda o: o.metrics[plan.sweep.metric]) if done else None
@@ -307,7 +373,8 @@ def results_table(outcome: SweepOutcome) -> str:
     """Mean ± std over seeds of acc, ece (in %) and nll at N = 0 and 10, per row and evaluated set."""
     groups: dict[str, list[TrialOutcome]] = {}
     for t in outcome.trials:
-        groups.setdefault(t.row or "all", []).append(t)
+        if t.role != ENS_MEMBER:  # LoRA runs trained only as ENS members: not a row
+            groups.setdefault(t.row or "all", []).append(t)
     samples = sorted(
         {n for t in outcome.trials if t.run for n in t.run.eval.n_samples} & set(TABLE_SAMPLES)
     ) or [0]
@@ -361,7 +428,7 @@ def _plan_data(plan: SweepPlan, parent_run_id: str) -> dict[str, Any]:
         "metric": plan.sweep.metric,
         "search": plan.sweep.search,
         "base": plan.base.to_dict(),
-        "trials": {t.name: t.run.to_dict() for t in plan.trials},
+        "trials": {t.name: t.run.to_dict() for t in plan.trials if t.tuned},
     }
 
 
@@ -402,7 +469,7 @@ def _tuner(plan: SweepPlan, parent_run_id: str, concurrency: int, restore: bool,
         param_space = {k: _tune_domain(d) for k, d in s.space.items()}
         num_samples = s.num_samples
     else:
-        param_space = {"trial": tune.grid_search([t.name for t in plan.trials])}
+        param_space = {"trial": tune.grid_search([t.name for t in plan.trials if t.tuned])}
         num_samples = 1
     return tune.Tuner(
         trainable,

@@ -28,7 +28,11 @@ The section (every key optional; `SweepConfig` documents each field):
 Rules: a grid key is a config field ('adapter.r', 'seed'; list fields such as task.ood_tasks take
 a list of lists) or, when its value is a mapping, a named axis (any other name: 'method',
 'tasks'); within a named set, a list for a scalar field is a sub-grid. A key is set by one axis
-only. `name`, `tracking.tracking_uri`, `tracking.experiment`, `tracking.storage_path` and
+only. ENS trials (adapter.method 'ens') are not trained: each is evaluated once the trained
+trials are done, from the LoRA runs of its member seeds (3(s-1)+1 .. 3s for ENS seed s); a
+planned trial with a member's config serves as it is, and a missing member becomes a trial of its
+own ('<row>-member-seed<k>', tag sweep.role=ens_member, kept out of the tables' rows).
+`name`, `tracking.tracking_uri`, `tracking.experiment`, `tracking.storage_path` and
 `tracking.tags` are not swept. Run names are '<sweep>-<words of the trial's values>' (at most 100
 characters), stable, so a resumed sweep finds each trial's runs again. Every trial's config is
 validated here; an error names the sweep field, or the trial and its values.
@@ -68,6 +72,8 @@ NOT_SWEPT = (  # one sweep: one set of run names, one MLflow experiment, one sto
     "tracking.tags",
 )
 RUNS_DIR = "runs"
+TRAINED, ENS_MEMBER, ENSEMBLE = "trained", "ens_member", "ensemble"  # Trial.role
+ROLE_TAG = "sweep.role"
 _SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,59}")
 _MAX_RUN_NAME = 100
 
@@ -269,6 +275,13 @@ class Trial:
     tags: dict[str, str]
     row: str  # the results table's row: the name without the sweep and the seed
     run: RunConfig
+    role: str = TRAINED  # TRAINED | ENS_MEMBER | ENSEMBLE (module docstring)
+    members: tuple[str, ...] = ()  # ENSEMBLE: its member trials' names, in seed order
+
+    @property
+    def tuned(self) -> bool:
+        """Whether Ray Tune runs it (an ENS trial is evaluated after Tune, from its members' runs)."""
+        return self.role != ENSEMBLE
 
 
 def grid_axes(grid: Mapping[str, Any]) -> list[tuple[str, list[Choice]]]:
@@ -485,8 +498,16 @@ def describe(plan: SweepPlan) -> str:
     for i, t in enumerate(plan.trials, 1):
         values = " ".join(f"{k}={format_value(v)}" for k, v in t.values.items())
         extra = f"  [{_fmt_shape(plan, t.run)}]" if per_trial else ""
-        lines.append(f"  {i:3d}  {t.name:<{width}}  {values}{extra}")
+        lines.append(f"  {i:3d}  {t.name:<{width}}  {values}{extra}{_role_note(t)}")
     return "\n".join(lines)
+
+
+def _role_note(t: Trial) -> str:
+    if t.role == ENSEMBLE:
+        return f"  (evaluated after the trained trials, from {', '.join(t.members)})"
+    if t.role == ENS_MEMBER:
+        return "  (trained as an ENS member only; not a table row)"
+    return ""
 
 
 # ----- helpers: expansion and validation ----------------------------------------------------------
@@ -537,7 +558,51 @@ def _expand(name: str, base: RunConfig, cfg: SweepConfig) -> list[Trial]:
                 shown = ", ".join(f"{k}={format_value(v)}" for k, v in values.items())
                 raise ConfigError(f"sweep trial {run_name} ({shown}): {err}") from None
             trials.append(Trial(run_name, values, tags, "-".join(row_words), run))
-    return trials
+    return _plan_ensembles(name, trials)
+
+
+def _plan_ensembles(name: str, trials: list[Trial]) -> list[Trial]:
+    """Give each ENS trial (adapter.method 'ens', seed s) its LoRA members, seeds
+    ensemble_seeds(s): a planned trial with exactly the member's config serves as it is (the
+    LoRA / MAP rows' seeds 1-3 for ENS seed 1); each missing one becomes a trial of its own,
+    `<row>-member-seed<k>`, tagged sweep.role=ens_member and left out of the tables' rows."""
+    from melora.baselines.ensemble import ensemble_seeds
+
+    planned = {_config_key(t.run): t.name for t in trials}
+    added: list[Trial] = []
+    for t in trials:
+        if t.run.adapter.method != "ens":
+            continue
+        if t.run.seed < 1:
+            raise ConfigError(
+                f"sweep trial {t.name}: an ENS seed must be >= 1 (ENS seed s averages the LoRA "
+                f"runs of seeds 3(s-1)+1 .. 3s), got seed={t.run.seed}"
+            )
+        t.role = ENSEMBLE
+        members = []
+        for seed in ensemble_seeds(t.run.seed):
+            member = t.run.ensemble_member(seed)
+            key = _config_key(member)
+            if key not in planned:
+                run_name = trial_run_name(name, (t.row or "ens", "member", f"seed{seed}"))
+                values = {**t.values, "adapter.method": "lora", "seed": seed}
+                tags = {**t.tags, ROLE_TAG: ENS_MEMBER}
+                run = member.with_overrides(
+                    {"name": run_name, "tracking.tags": {**member.tracking.tags, **tags}}
+                )
+                added.append(Trial(run_name, values, tags, "", run, role=ENS_MEMBER))
+                planned[key] = run_name
+            members.append(planned[key])
+        t.members = tuple(members)
+    return trials + added
+
+
+def _config_key(run: RunConfig) -> str:
+    """What makes two runs the same training run: the config less its name and tags."""
+    d = run.to_dict()
+    d.pop("name")
+    d["tracking"].pop("tags")
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def _check_trials(cfg: SweepConfig, trials: list[Trial]) -> None:
@@ -551,10 +616,7 @@ def _check_trials(cfg: SweepConfig, trials: list[Trial]) -> None:
                 )
     seen: dict[str, str] = {}
     for t in trials:
-        d = t.run.to_dict()
-        d.pop("name")
-        d["tracking"].pop("tags")
-        key = json.dumps(d, sort_keys=True, default=str)
+        key = _config_key(t.run)
         if key in seen:
             raise ConfigError(
                 f"sweep trials {seen[key]} and {t.name} have the same config: one of them is redundant"
@@ -566,6 +628,11 @@ def _check_space_corners(name: str, base: RunConfig, space: Mapping[str, Any]) -
     """Optuna's draws are unknown before it runs: check each key at its bounds (or every choice)."""
     for key, dist in space.items():
         ((kind, arg),) = dist.items()
+        if key == "adapter.method" and kind == "choice" and "ens" in arg:
+            raise ConfigError(
+                "sweep.space.adapter.method: 'ens' is evaluated from its members' runs, not drawn "
+                "by Optuna: put ENS in a grid sweep (search grid or random)"
+            )
         for value in arg if kind == "choice" else (arg[0], arg[-1]):
             try:
                 base.with_overrides({key: value, "name": trial_run_name(name, ("optuna",))})

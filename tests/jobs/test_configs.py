@@ -16,18 +16,27 @@ import pytest
 from melora.errors import ConfigError
 from orchestrator.config import RunConfig, load_experiment
 from orchestrator.sweep import SweepOutcome, TrialOutcome, results_table, run_sweep
-from orchestrator.sweep_config import SweepError, SweepPlan, draw_space, plan_sweep
+from orchestrator.sweep_config import (
+    ENS_MEMBER,
+    ENSEMBLE,
+    SweepError,
+    SweepPlan,
+    draw_space,
+    plan_sweep,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 SWEEP = [sys.executable, str(REPO / "jobs" / "sweep.py")]
 EXPECTED_TRIALS = {  # name -> trials; a new YAML must be added here
-    "demo": 12,  # LoRA 2 + BLoB 2 + Me-LoRA {noise on, off} x 2 sigma_p x 2 seeds
+    # LoRA 2 + MCD 2 + BLoB 2 + Me-LoRA {noise on, off} x 2 sigma_p x 2 seeds + ENS 1 + its member seed 3
+    "demo": 16,
+    "demo_lap": 2,  # LAP x 2 seeds
     "sigma_rank_sweep": 20,  # 5 sigma_p x 4 ranks
-    "table2_id_13b": 54,  # 3 methods x 6 tasks x 3 seeds
-    "table8_id_7b": 54,
-    "table3_ood_13b": 9,  # 3 methods x 3 seeds
-    "table9_ood_7b": 9,
+    "table2_id_13b": 144,  # 6 methods x 6 tasks x 3 seeds + ENS members seeds 4-9 x 6 tasks
+    "table8_id_7b": 144,
+    "table3_ood_13b": 24,  # 6 methods x 3 seeds + ENS members seeds 4-9
+    "table9_ood_7b": 24,
     "ablation_noise_13b": 36,  # noise on/off x 6 tasks x 3 seeds
     "llama2_13b": 1,  # a single run (no sweep section): one trial
 }
@@ -83,10 +92,11 @@ def test_paper_yamls_use_table7_on_four_gpus_with_zero3(path: Path) -> None:
     for t in p.trials:
         run = t.run
         assert run.model.name_or_path == f"meta-llama/Llama-2-{size}-hf"
+        stage = 2 if run.adapter.method == "lap" else 3  # LAP's Laplace step needs whole weights
         assert (run.scaling.num_workers, run.scaling.use_gpu, run.scaling.zero_stage) == (
             4,
             True,
-            3,
+            stage,
         )
         assert run.optim.batch_size * run.optim.grad_accum * run.scaling.num_workers == 4
         assert (run.adapter.r, run.adapter.alpha, run.adapter.dropout) == (8, 16.0, 0.1)
@@ -100,9 +110,9 @@ def test_paper_yamls_use_table7_on_four_gpus_with_zero3(path: Path) -> None:
         assert run.model.resolved_dtype(on_gpu=True) == "bfloat16"
         if run.adapter.is_bayesian:
             assert run.adapter.sigma_p == 0.2
-        if run.adapter.method == "lora":
-            assert run.optim.weight_decay == 1e-5  # MAP
-        assert run.seed in (1, 2, 3)
+        if run.adapter.method in ("lora", "mcd", "ens", "lap"):
+            assert run.optim.weight_decay == 1e-5  # MAP, and the baselines built on it
+        assert run.seed in (1, 2, 3) or t.role == ENS_MEMBER
     if "ood" in path.stem:
         assert {t.run.task.name for t in p.trials} == {"openbookqa"}
         assert set(p.trials[0].run.task.ood_tasks) == {
@@ -114,6 +124,14 @@ def test_paper_yamls_use_table7_on_four_gpus_with_zero3(path: Path) -> None:
         }
     else:
         assert len({t.run.task.name for t in p.trials}) == 6
+    if "ablation" not in path.stem:  # the six rows of Tables 2, 3, 8, 9; ENS from 9 MAP runs
+        rows = {t.tags["sweep.method"] for t in p.trials if t.role != ENS_MEMBER}
+        assert rows == {"map", "mcd", "ens", "lap", "blob", "melora"}
+        by_name = {t.name: t for t in p.trials}
+        for ens in (t for t in p.trials if t.role == ENSEMBLE):
+            members = [by_name[m].run for m in ens.members]
+            assert [m.seed for m in members] == [3 * ens.run.seed - 2 + i for i in range(3)]
+            assert all(m.adapter.method == "lora" and m.task == ens.run.task for m in members)
     if "ablation" in path.stem:
         assert {t.run.adapter.method for t in p.trials} == {"melora"}
         assert {t.tags["sweep.noise"] for t in p.trials} == {"ours", "wo-noise"}
@@ -134,8 +152,10 @@ def test_demo_sweep_trials_names_and_rows() -> None:
         (False, 0.1),
         (False, 0.2),
     }
-    assert {t.row for t in p.trials} == {
+    assert {t.row for t in p.trials if t.role != ENS_MEMBER} == {
         "lora",
+        "mcd",
+        "ens",
         "blob",
         "melora-sigma_p0.1",
         "melora-sigma_p0.2",
@@ -144,7 +164,9 @@ def test_demo_sweep_trials_names_and_rows() -> None:
     }
     for t in p.trials:  # the base values stay what jobs/train.py runs; the sweep shortens them
         assert t.run.optim.max_steps == 60 and t.run.name == t.name
-        assert t.run.tracking.tags["sweep.method"] in ("lora", "blob", "melora", "melora-nonoise")
+        assert t.run.tracking.tags["sweep.method"] in (
+            "lora", "mcd", "ens", "blob", "melora", "melora-nonoise"
+        )  # fmt: skip
         assert t.run.tracking.storage_path == str(p.sweep_dir / "runs")
     base, _ = load_experiment(REPO / "jobs/configs/demo.yaml")
     assert base.optim.max_steps > 60 and base.scaling.cpus_per_worker == 0.5
@@ -232,14 +254,8 @@ def test_a_bad_grid_value_fails_naming_the_trial_and_the_field() -> None:
         plan_sweep(base, blob_split, name="t")
 
 
-def test_optuna_without_the_package_fails_up_front() -> None:
-    pytest.importorskip("ray")
-    try:
-        import optuna  # noqa: F401
-
-        pytest.skip("optuna is installed here")
-    except ImportError:
-        pass
+def test_optuna_without_the_package_fails_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
     base, _ = load_experiment(REPO / "jobs/configs/demo.yaml")
     space = {"adapter.sigma_p": {"loguniform": [0.05, 1.0]}}
     with pytest.raises(ConfigError, match=r"needs the optuna package.*pip install optuna"):
@@ -330,7 +346,7 @@ def test_dry_run_of_the_default_starts_nothing(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert (
-        "sweep demo: 12 trials" in out.stdout
+        "sweep demo: 16 trials" in out.stdout
         and "demo-melora-nonoise-sigma_p0.2-seed2" in out.stdout
     )
     assert "driver {CPU: 0.5} + 2 workers x {CPU: 0.25} = {CPU: 1}" in out.stdout
@@ -339,7 +355,7 @@ def test_dry_run_of_the_default_starts_nothing(tmp_path: Path) -> None:
 
 def test_cli_exit_codes(tmp_path: Path, sweep_job, capsys) -> None:
     """2: a config error, nothing started; 1: an existing sweep without --resume (before Ray or MLflow)."""
-    assert sweep_job.main(["--dry-run", "--set", "sweep.grid.seed=[0, -1]"]) == 2
+    assert sweep_job.main(["--dry-run", "--set", "sweep.grid.method.lora.seed=[0, -1]"]) == 2
     assert "config error: sweep trial demo-lora-seed-1" in capsys.readouterr().err
     state = tmp_path / "ray_results" / "demo" / "sweep.json"
     state.parent.mkdir(parents=True)
@@ -347,3 +363,47 @@ def test_cli_exit_codes(tmp_path: Path, sweep_job, capsys) -> None:
     assert sweep_job.main([]) == 1
     assert "pass --resume to continue it" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo", "ray_results", "sweep.json"]
+
+
+def test_ens_trials_reuse_planned_lora_trials_and_plan_the_missing_members() -> None:
+    p = plan(REPO / "jobs/configs/demo.yaml")
+    by_name = {t.name: t for t in p.trials}
+    (ens,) = [t for t in p.trials if t.run.adapter.method == "ens"]
+    assert ens.role == ENSEMBLE and not ens.tuned
+    assert ens.members == ("demo-lora-seed1", "demo-lora-seed2", "demo-ens-member-seed3")
+    member = by_name["demo-ens-member-seed3"]
+    assert member.role == ENS_MEMBER and member.tuned and member.row == ""
+    assert member.run.tracking.tags["sweep.role"] == "ens_member"
+    for name, seed in zip(ens.members, (1, 2, 3), strict=True):
+        want = ens.run.ensemble_member(seed).to_dict()  # the member config, field by field
+        got = by_name[name].run.to_dict()
+        for d in (want, got):
+            d.pop("name")
+            d["tracking"].pop("tags")
+        assert got == want
+    # ENS seeds 1 and 2 over a LoRA row of seed 1 only: members 1 (reused), 2-6 planned, in order
+    q = plan(
+        REPO / "jobs/configs/demo.yaml",
+        "sweep.grid={method: {lora: {adapter.method: lora, seed: [1]}, "
+        "ens: {adapter.method: ens, seed: [1, 2]}}}",
+    )
+    ens1, ens2 = [t for t in q.trials if t.role == ENSEMBLE]
+    assert ens1.members == ("demo-lora-seed1", "demo-ens-member-seed2", "demo-ens-member-seed3")
+    assert ens2.members == tuple(f"demo-ens-member-seed{s}" for s in (4, 5, 6))
+    assert sum(t.role == ENS_MEMBER for t in q.trials) == 5 and len(q.trials) == 8
+    # the Tune grid holds the trained trials only; the ENS trials are evaluated after them
+    from orchestrator.sweep import _plan_data
+
+    assert set(_plan_data(q, "parent")["trials"]) == {t.name for t in q.trials if t.tuned}
+
+
+def test_an_ens_seed_below_1_fails_naming_the_trial() -> None:
+    with pytest.raises(ConfigError, match=r"sweep trial demo-ens-seed0: an ENS seed must be >= 1"):
+        plan(REPO / "jobs/configs/demo.yaml", "sweep.grid.method.ens.seed=[0]")
+
+
+def test_optuna_cannot_draw_ens() -> None:
+    base, _ = load_experiment(REPO / "jobs/configs/demo.yaml")
+    space = {"adapter.method": {"choice": ["lora", "ens"]}}
+    with pytest.raises(ConfigError, match=r"'ens' is evaluated from its members' runs"):
+        plan_sweep(base, {"search": "optuna", "space": space}, name="t")

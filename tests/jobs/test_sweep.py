@@ -136,3 +136,68 @@ def markdown_cells(markdown: str, title: str) -> dict[tuple[str, str], dict[str,
         metric = row[0].split()[0] if row[0] else metric
         out[(metric, row[1])] = dict(zip(header[2:], row[2:], strict=True))
     return out
+
+
+def test_ens_trial_is_evaluated_from_its_members_after_the_trained_trials(
+    tmp_path: Path, tiny_sweep, stop_group
+) -> None:
+    """ENS seed 1 beside a LoRA row of seed 1: the sweep trains LoRA seed 1 and the member-only
+    seeds 2 and 3, then evaluates the ensemble as a child run naming its three members; the
+    report keeps the members out of the LoRA row; a second --resume changes nothing."""
+    grid = {
+        "method": {
+            "lora": {"adapter.method": "lora", "seed": [1]},
+            "ens": {"adapter.method": "ens", "seed": [1]},
+        }
+    }
+    config = tiny_sweep("ens", grid, max_concurrent_trials=2)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for args in ([], ["--resume"]):
+        proc = subprocess.Popen(
+            [*SWEEP, "--config", str(config), *args],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=600)
+        finally:
+            stop_group(proc.pid)
+        assert proc.returncode == 0, out[-4000:]
+    client = MlflowClient(uri)
+    parents, children = sweep_runs(client, "ens")
+    assert len(parents) == 1 and parents[0].data.tags["trials_finished"] == "4"
+    by_name = {r.info.run_name: r for r in children}
+    assert sorted(by_name) == [  # nothing duplicated by the second --resume
+        "ens-ens-member-seed2",
+        "ens-ens-member-seed3",
+        "ens-ens-seed1",
+        "ens-lora-seed1",
+    ]
+    assert all(r.info.status == "FINISHED" for r in children)
+    ens = by_name["ens-ens-seed1"]
+    members = [
+        by_name[n] for n in ("ens-lora-seed1", "ens-ens-member-seed2", "ens-ens-member-seed3")
+    ]
+    assert ens.data.tags["ensemble_members"] == ",".join(m.info.run_id for m in members)
+    assert ens.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert ens.data.tags["method"] == "ens" and "test/demo/acc_n0" in ens.data.metrics
+    assert [m.data.tags.get("sweep.role") for m in members] == [None, "ens_member", "ens_member"]
+    assert [m.data.tags["seed"] for m in members] == ["1", "2", "3"]
+
+    from orchestrator.report import build_report
+
+    report = build_report(uri, "sweep-tests", sweep="ens")
+    rows = {(r.row, r.name) for r in report.runs}
+    assert rows == {("LoRA", "ens-lora-seed1"), ("ENS", "ens-ens-seed1")}
+    md = report.markdown()
+    assert "2 LoRA runs trained only as ENS members are not in the tables" in md
+    assert "ENS: one ensemble per column, so no std over seeds" in md
+    cells = markdown_cells(md, "Trained on demo: in-distribution and OOD sets")
+    acc = 100 * ens.data.metrics["test/demo/acc_n0"]
+    assert (
+        cells[("ACC", "ENS")]["demo"].strip("*").replace("<ins>", "").replace("</ins>", "")
+        == f"{acc:.2f}"
+    )

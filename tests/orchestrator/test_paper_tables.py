@@ -118,3 +118,44 @@ def test_ranks_share_marks_on_ties_and_follow_the_direction() -> None:
     assert _ranks([0.5, None, 0.4, 0.5, 0.3], higher=True) == ["best", "", "second", "best", ""]
     assert _ranks([0.5, 0.4, 0.3], higher=False) == ["", "second", "best"]
     assert _ranks([None, 1.0], higher=False) == ["", "best"]
+
+
+def test_table6_times_follow_the_paper_text(shared_dir: Path) -> None:
+    """Each Table 6 time row equals the six integers of its line in the extracted text."""
+    from orchestrator.paper_tables import TABLE6_SECONDS
+
+    text = (shared_dir / "seed" / "me-lora-paper.txt").read_text()
+    region = text[text.index("Table 6: Comparison of running time") :]
+    region = region[: region.index("B SUPPLEMENTARY")]
+    rows = [
+        line.split("\t")[-7:]
+        for line in region.splitlines()
+        if re.search(r"\t(LoRA|BLoB|Me-LoRA)\t\d+\t", line)  # time rows: integers, not GB
+    ]
+    assert len(rows) == 6
+    order = [(m, r) for m in ("Llama2-7B", "Llama2-13B") for r in ("LoRA", "BLoB", "Me-LoRA")]
+    for (model, method), row in zip(order, rows, strict=True):
+        assert row[0] == method
+        want = [int(x) for x in row[1:]]
+        cols = ("winogrande_s", "winogrande_m", "arc_challenge", "arc_easy", "openbookqa", "boolq")
+        assert [TABLE6_SECONDS[(model, method)][c] for c in cols] == want, (model, method)
+
+
+def test_gpu_hours_of_table3_by_hand() -> None:
+    """benchmarks/gpu_hours.py on Table 3 (13B, trained on OBQA): MAP, MCD, LAP and the six ENS
+    members train as LoRA (15 x 2667 s), BLoB 3 x 4044 s, Me-LoRA 3 x 4098 s; ENS trains nothing."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_hours", Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_hours.py"
+    )
+    gpu_hours = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_hours)
+    from orchestrator.config import load_experiment
+    from orchestrator.sweep_config import plan_sweep
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "table3_ood_13b.yaml"
+    base, section = load_experiment(path)
+    trained = [t for t in plan_sweep(base, section, source=str(path)).trials if t.tuned]
+    seconds = sum(gpu_hours.trial_seconds(t.run) for t in trained)
+    assert len(trained) == 21 and seconds == 15 * 2667 + 3 * 4044 + 3 * 4098
