@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-CONFIGS = ("table2_id_13b", "table3_ood_13b", "ablation_noise_13b", "table8_id_7b", "table9_ood_7b")
+from benchmarks.sweep_scheduling import CONFIGS, STEP_TIME, assumed_hours, model_size  # noqa: E402
+
 TABLE_OF = {
     "table2_id_13b": "2",
     "table3_ood_13b": "3",
@@ -32,30 +33,22 @@ TABLE_OF = {
     "table8_id_7b": "8",
     "table9_ood_7b": "9",
 }
+TABLE6_MODEL = {"13b": "Llama2-13B", "7b": "Llama2-7B"}  # benchmarks.sweep_scheduling.model_size
 TABLE6_METHOD = {"lora": "LoRA", "mcd": "LoRA", "lap": "LoRA", "blob": "BLoB", "melora": "Me-LoRA"}
-
-
-def model_name(name_or_path: str) -> str:
-    low = name_or_path.lower()
-    for size, name in (("13b", "Llama2-13B"), ("7b", "Llama2-7B")):
-        if size in low:
-            return name
-    raise SystemExit(f"no Table 6 time for model {name_or_path!r}: only Llama2-13B and -7B")
 
 
 def trial_seconds(run) -> float:
     """The paper's measured single-GPU training time of this trial (Table 6, scaled by its steps)."""
     from orchestrator.paper_tables import TABLE6_SECONDS, TABLE6_STEPS
 
-    times = TABLE6_SECONDS[(model_name(run.model.name_or_path), TABLE6_METHOD[run.adapter.method])]
+    model = TABLE6_MODEL[model_size(run.model.name_or_path)]
+    times = TABLE6_SECONDS[(model, TABLE6_METHOD[run.adapter.method])]
     if run.task.name not in times:
         raise SystemExit(f"Table 6 has no time for task {run.task.name!r}")
     return times[run.task.name] * run.optim.max_steps / TABLE6_STEPS
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.sweep_scheduling import STEP_TIME
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), help="YAMLs under jobs/configs")
     p.add_argument("--overhead", type=float, default=0.1, help="the assumed estimate's eval share")
@@ -72,12 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sweep(base, section, source=str(path))
         trained = [t for t in plan.trials if t.tuned]
         measured = sum(trial_seconds(t.run) for t in trained) / 3600
-        assumed = 0.0
-        for t in trained:
-            size = "13b" if "13B" in model_name(t.run.model.name_or_path) else "7b"
-            gpus = t.run.scaling.num_workers * (t.run.scaling.gpus_per_worker or 1)
-            seconds = t.run.optim.max_steps * STEP_TIME[size] * (1 + args.overhead)
-            assumed += seconds * gpus / 3600
+        assumed = sum(
+            assumed_hours(t.run, STEP_TIME, args.overhead) * plan.trial_resources(t.run)["GPU"]
+            for t in trained
+        )
         n_ens = len(plan.trials) - len(trained)
         rows.append((name, TABLE_OF.get(name, "-"), len(trained), n_ens, measured, assumed))
         for i, v in enumerate((len(trained), n_ens, measured, assumed)):

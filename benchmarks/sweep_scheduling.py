@@ -52,6 +52,13 @@ def model_size(name_or_path: str) -> str:
     raise SystemExit(f"no step time for model {name_or_path!r}: only Llama2-13B and -7B are known")
 
 
+def assumed_hours(run, step_time: dict[str, float], overhead: float) -> float:
+    """One trial's duration under the assumed step time: max_steps x step time x (1 + overhead)."""
+    return (
+        run.optim.max_steps * step_time[model_size(run.model.name_or_path)] * (1 + overhead) / 3600
+    )
+
+
 def make_placeholder(table: dict[str, dict]):
     """A Tune function trainable with train_trial's signature that only holds the trial's workers.
 
@@ -131,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sweep(base, section, source=str(path))
         plans.append(plan)
         for t in plan.trials:
-            h = t.run.optim.max_steps * step_time[model_size(t.run.model.name_or_path)]
-            h *= (1 + args.overhead) / 3600
+            h = assumed_hours(t.run, step_time, args.overhead)
             if t.run.task.name == "boolq":
                 h *= args.boolq_factor
             hours[t.name] = h
