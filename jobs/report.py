@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         "paper's 'sampled once'; MCD and LAP N=10; LoRA and ENS N=0) or an integer for every row",
     )
     parser.add_argument(
-        "--metrics", default="acc,ece,nll", help="comma-separated, from acc, ece, nll, brier, auroc"
+        "--metrics",
+        default="acc,ece,nll",
+        help="comma-separated, from acc, ece, nll, brier, auroc, aurc, acc_cov80, mi, auroc_mi "
+        "(mi and auroc_mi: sampling methods at N >= 2 only, e.g. --n-samples 10)",
     )
     parser.add_argument(
         "--paper",

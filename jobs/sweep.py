@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from melora.errors import MeLoraError  # noqa: E402
-from orchestrator.config import load_experiment  # noqa: E402
+from orchestrator.config import load_experiment, shorten_message  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
 
@@ -62,10 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.sweep_config import SweepError, describe, plan_sweep
 
     try:
-        base, section = load_experiment(args.config, args.overrides)
-        plan = plan_sweep(base, section, name=args.name, source=args.config)
+        base, section = load_experiment(args.config, args.overrides, allow_empty=False)
+        plan = plan_sweep(
+            base, section, name=args.name, source=args.config, overrides=args.overrides
+        )
     except MeLoraError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {shorten_message(str(err))}", file=sys.stderr)
         return 2
     print(describe(plan), flush=True)
     if args.dry_run:

@@ -17,7 +17,7 @@ sys.path.insert(
 )  # run from a checkout without installing
 
 from melora.errors import MeLoraError  # noqa: E402
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config import load_config, shorten_message  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_config(args.config, args.overrides)
     except MeLoraError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"config error: {shorten_message(str(err))}", file=sys.stderr)
         return 2
 
     from orchestrator.trainer import RunFailedError, fit_run, init_ray

@@ -13,7 +13,7 @@ from typing import Any
 
 from melora.errors import ConfigError
 
-METHODS = ("lora", "blob", "melora", "mcd", "ens", "lap")
+METHODS = ("lora", "blob", "melora", "mcd", "ens", "lap", "ts")
 SAMPLING_METHODS = ("blob", "melora", "mcd")  # whose N-sample predictive draws something
 KL_VARIANCES = ("paper", "exact")
 SAMPLE_GRANULARITIES = ("batch", "example")
@@ -31,7 +31,7 @@ class AdapterConfig:
     method: str = field(
         default="melora",
         metadata={
-            "help": "Adapter: 'lora' (MAP), 'blob', 'melora', or a baseline on LoRA layers: 'mcd' (MC dropout), 'ens' (ensemble of LoRA seeds), 'lap' (post-hoc Laplace)."
+            "help": "Adapter: 'lora' (MAP), 'blob', 'melora', or a baseline on LoRA layers: 'mcd' (MC dropout), 'ens' (ensemble of LoRA seeds), 'lap' (post-hoc Laplace), 'ts' (MAP + temperature scaling)."
         },
     )
     r: int = field(default=8, metadata={"help": "Rank of the low-rank update (r >= 1)."})
@@ -135,7 +135,7 @@ class AdapterConfig:
         """Whether the N-sample predictive (N >= 1) draws anything in the adapter layers.
 
         BLoB and Me-LoRA draw from their posterior, MCD draws dropout masks. LoRA (MAP), the
-        members of ENS and LAP's MAP adapter are deterministic: their N >= 1 rows are the mean
+        members of ENS, LAP's and TS's MAP adapter are deterministic: their N >= 1 rows are the mean
         prediction (LAP samples in function space instead: `melora.baselines.laplace`).
         """
         return self.method in SAMPLING_METHODS

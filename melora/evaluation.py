@@ -15,6 +15,9 @@ with the choices a row does not have set to -inf (probability 0). The predictive
 
 the average of N softmax vectors, not the softmax of averaged logits (METHOD.md). N = 0 is the
 deterministic mean adapter. An ensemble averages its members' predictives with equal weights.
+`predict_with_entropy` also keeps the mean over the draws of each draw's entropy, so that the
+mutual information (epistemic uncertainty, `melora.metrics.mutual_information`) needs no more
+than one (N_ex, K) tensor, whatever N.
 
 Metric keys follow DESIGN.md: `<prefix>/<task>/<metric>_n<N>`, e.g. `test/arc_easy/ece_n10` and
 `ood/mmlu_college_physics/auroc_n0` (MLflow refuses '@', hence `_n<N>`).
@@ -25,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,17 +92,52 @@ def predict(model: nn.Module, loader: Iterable[Batch], n_samples: int) -> tuple[
 
     Runs under `torch.no_grad()` and `model.eval()`; the train/eval flag and every layer's
     sampling mode are restored afterwards. A model without adapters is accepted for
-    `n_samples = 0` only (its plain deterministic forward).
+    `n_samples = 0` only (its plain deterministic forward). `predict_with_entropy` gives the
+    same probabilities (the same draws) and the per-example expected entropy besides.
+    """
+    result = predict_with_entropy(model, loader, n_samples)
+    return result.probs, result.labels
+
+
+@dataclass(frozen=True)
+class Predictive:
+    """The N-sample predictive of one set, with the aleatoric part of its uncertainty.
+
+    `probs` (N_ex, K) float32, the mean of the draws' softmaxes; `labels` (N_ex,) long;
+    `expected_entropy` (N_ex,) float64, the mean over the draws of each draw's entropy in nats
+    (`melora.metrics.expected_entropy`); `draws` = the softmaxes averaged per example,
+    max(n_samples, 1). Mutual information is 0 by construction when `draws` is 1.
+    """
+
+    probs: Tensor
+    labels: Tensor
+    expected_entropy: Tensor
+    draws: int
+
+    def mutual_information(self) -> Tensor:
+        """Per example H[mean softmax] - mean entropy, in nats (`melora.metrics.mutual_information`)."""
+        return torch.from_numpy(metrics.mutual_information(self.probs, self.expected_entropy))
+
+
+def predict_with_entropy(model: nn.Module, loader: Iterable[Batch], n_samples: int) -> Predictive:
+    """`predict`, plus the per-example mean over the draws of each draw's entropy (a `Predictive`).
+
+    Each draw's entropy -sum_k p_k log p_k (0 log 0 = 0) is computed in float64 from its softmax
+    and summed on the fly, so no more than one (N_ex, K) tensor is kept for any N.
     """
     _check_n_samples(n_samples)
-    probs, labels = [], []
+    probs, entropies, labels = [], [], []
     with _predictive_mode(model, n_samples), torch.no_grad():
         for batch in loader:
-            probs.append(_batch_probs(model, batch, n_samples).cpu())
+            batch_probs, batch_entropy = _batch_probs(model, batch, n_samples)
+            probs.append(batch_probs.cpu())
+            entropies.append(batch_entropy.cpu())
             labels.append(torch.as_tensor(batch["labels"], dtype=torch.long).cpu())
     if not probs:
         raise MeLoraError("the loader yielded no batches: there is nothing to evaluate")
-    return _concat_probs(probs), torch.cat(labels)
+    return Predictive(
+        _concat_probs(probs), torch.cat(labels), torch.cat(entropies), max(n_samples, 1)
+    )
 
 
 def predict_ensemble(
@@ -126,13 +164,22 @@ def predict_ensemble(
     return (total / len(models)).float(), labels
 
 
-def _batch_probs(model: nn.Module, batch: Batch, n_samples: int) -> Tensor:
-    """The mean of max(n_samples, 1) softmax vectors, one forward each."""
+def _batch_probs(model: nn.Module, batch: Batch, n_samples: int) -> tuple[Tensor, Tensor]:
+    """The mean of max(n_samples, 1) softmax vectors, one forward each, and the mean entropy."""
     draws = max(n_samples, 1)
     total = torch.softmax(class_logits(model, batch), dim=-1)
+    entropy = _entropy(total)
     for _ in range(draws - 1):
-        total += torch.softmax(class_logits(model, batch), dim=-1)
-    return total / draws
+        probs = torch.softmax(class_logits(model, batch), dim=-1)
+        total += probs
+        entropy += _entropy(probs)
+    return total / draws, entropy / draws
+
+
+def _entropy(probs: Tensor) -> Tensor:
+    """-sum_k p_k log p_k per row in float64, 0 log 0 = 0 (`melora.metrics.entropy` in torch)."""
+    p = probs.double()
+    return -torch.special.xlogy(p, p).sum(dim=-1)
 
 
 @contextmanager
@@ -224,16 +271,56 @@ def metrics_of(
     return out
 
 
-def _id_entry(
-    id_predictions: Predictions, id_task: str | None, n_tag: str
-) -> tuple[Tensor, Tensor]:
+def uncertainty_metrics_of(
+    predictions: Mapping[str, Predictive | tuple[Tensor, Tensor]],
+    id_predictions: Mapping[str, Predictive | tuple[Tensor, Tensor]] | None = None,
+    id_task: str | None = None,
+) -> dict[str, float]:
+    """Selective prediction and the uncertainty decomposition of each entry `<prefix>/<task>/n<N>`:
+
+    - `<prefix>/<task>/aurc_n<N>` and `acc_cov80_n<N>` for every entry (`melora.metrics.selective`:
+      the area under the risk-coverage curve, and the accuracy of the 80% most confident examples);
+    - `<prefix>/<task>/mi_n<N>`, the mean mutual information (`metrics.mean_mutual_information`),
+      for a `Predictive` that averaged `draws` >= 2 softmaxes: with one draw (N = 0 or 1, or a
+      method that does not sample at test) MI is identically 0 and is not reported;
+    - with `id_predictions` and `id_task`: `<prefix>/<task>/auroc_mi_n<N>`, `metrics.ood_auroc_mi`
+      against the ID set at the same N, when both have MI.
+    Plain (probs, labels) entries (an ensemble's) get the selective metrics only.
+    """
+    out: dict[str, float] = {}
+    for key, value in predictions.items():
+        set_name, n_tag = key.rsplit("/", 1)
+        probs, labels = value[:2] if isinstance(value, tuple) else (value.probs, value.labels)
+        for name, number in metrics.selective(probs, labels).items():
+            out[f"{set_name}/{name}_{n_tag}"] = number
+        if not isinstance(value, Predictive) or value.draws < 2:
+            continue
+        out[f"{set_name}/mi_{n_tag}"] = metrics.mean_mutual_information(
+            value.probs, value.expected_entropy
+        )
+        if id_predictions is not None:
+            ref = id_predictions[_id_key(id_predictions, id_task, n_tag)]
+            if isinstance(ref, Predictive) and ref.draws >= 2:
+                out[f"{set_name}/auroc_mi_{n_tag}"] = metrics.ood_auroc_mi(
+                    ref.probs, ref.expected_entropy, value.probs, value.expected_entropy
+                )
+    return out
+
+
+def _id_key(id_predictions: Mapping[str, Any], id_task: str | None, n_tag: str) -> str:
     matches = [k for k in id_predictions if k.endswith(f"/{id_task}/{n_tag}")]
     if len(matches) != 1:
         raise MeLoraError(
             f"no in-distribution predictions for task {id_task!r} at {n_tag}: "
             f"available are {sorted(id_predictions)}"
         )
-    return id_predictions[matches[0]]
+    return matches[0]
+
+
+def _id_entry(
+    id_predictions: Predictions, id_task: str | None, n_tag: str
+) -> tuple[Tensor, Tensor]:
+    return id_predictions[_id_key(id_predictions, id_task, n_tag)]
 
 
 def evaluate(
@@ -272,17 +359,47 @@ def evaluate_run(
     """Evaluate a trained model (or an ensemble) on every test set and every OOD set at each N.
 
     Keys: `test/<task>/<metric>_n<N>` and `ood/<task>/<metric>_n<N>` for acc, nll, ece, brier,
-    plus `ood/<task>/auroc_n<N>`, the AUROC of telling `test/<id_task>` from that OOD set by max
-    probability at the same N. `id_task` may be left out when there is exactly one test set.
+    aurc and acc_cov80, plus `ood/<task>/auroc_n<N>`, the AUROC of telling `test/<id_task>` from
+    that OOD set by max probability at the same N. A single model that samples at test
+    (`AdapterConfig.samples_at_test`) also gets `mi_n<N>` and, on OOD sets, `auroc_mi_n<N>` at
+    N >= 2 (`uncertainty_metrics_of`). `id_task` may be left out when there is exactly one test set.
     """
     ood_loaders = ood_loaders or {}
     if ood_loaders:
         id_task = _resolve_id_task(test_loaders, id_task)
-    test = predict_sets(model, test_loaders, n_samples, prefix="test")
-    ood = predict_sets(model, ood_loaders, n_samples, prefix="ood")
-    result = metrics_of(test, n_bins)
-    result.update(metrics_of(ood, n_bins, id_predictions=test, id_task=id_task))
-    return RunEvaluation(metrics=result, predictions={**test, **ood})
+    test = _predictive_sets(model, test_loaders, n_samples, prefix="test")
+    ood = _predictive_sets(model, ood_loaders, n_samples, prefix="ood")
+    test_pairs, ood_pairs = _pairs(test), _pairs(ood)
+    result = metrics_of(test_pairs, n_bins)
+    result.update(metrics_of(ood_pairs, n_bins, id_predictions=test_pairs, id_task=id_task))
+    result.update(uncertainty_metrics_of(test))
+    result.update(uncertainty_metrics_of(ood, id_predictions=test, id_task=id_task))
+    return RunEvaluation(metrics=result, predictions={**test_pairs, **ood_pairs})
+
+
+def _predictive_sets(
+    model: Model, loaders: Mapping[str, Iterable[Batch]], n_samples: Sequence[int], prefix: str
+) -> dict[str, Predictive | tuple[Tensor, Tensor]]:
+    """`predict_sets`, with a `Predictive` per entry for a single model (an ensemble: pairs).
+
+    A model whose adapters do not sample at test (LoRA) gives the same softmax at every draw:
+    its entries count as one draw, so that no (identically 0) MI is reported for it."""
+    if not isinstance(model, nn.Module):
+        return predict_sets(model, loaders, n_samples, prefix)
+    config = getattr(model, "melora_config", None)
+    samples = config is not None and config.samples_at_test
+    out: dict[str, Predictive | tuple[Tensor, Tensor]] = {}
+    for task, loader in loaders.items():
+        for n in n_samples:
+            result = predict_with_entropy(model, loader, n)
+            out[f"{prefix}/{task}/n{n}"] = result if samples else replace(result, draws=1)
+    return out
+
+
+def _pairs(predictions: Mapping[str, Predictive | tuple[Tensor, Tensor]]) -> Predictions:
+    return {
+        k: v[:2] if isinstance(v, tuple) else (v.probs, v.labels) for k, v in predictions.items()
+    }
 
 
 def _resolve_id_task(test_loaders: Mapping[str, Any], id_task: str | None) -> str:

@@ -6,10 +6,11 @@ All three compute `y = W0 x + s * delta(x)` with `s = alpha / r`; they differ in
 - BLoB:    delta(x) = B A~ d(x),  A~ = M_A + (R_A**2) * E,  E ~ N(0, I) of shape r x n
 - Me-LoRA: delta(x) = B C A d(x), C  = M + (H**2) * E,      E ~ N(0, I) of shape r x r
 
-Each layer has a sampling mode (see `SAMPLING_MODES`): "sample" draws the random parts (and keeps
-dropout on, which makes a LoRA layer with dropout an MC-dropout layer), "mean" is deterministic
-(C = M, A~ = M_A, no dropout), and "auto" (the default) samples in `train()` and is deterministic
-in `eval()`, like a plain PEFT LoRA layer.
+Each layer has a sampling mode (see `SAMPLING_MODES`): "sample" draws the random parts, "mean" is
+deterministic (C = M, A~ = M_A, no dropout), and "auto" (the default) samples in `train()` and is
+deterministic in `eval()`, like a plain PEFT LoRA layer. Dropout belongs to training (METHOD.md):
+in `eval()` a BLoB or Me-LoRA layer draws from its posterior alone, and only a LoRA layer keeps
+dropout on when sampling, since there dropout is the sampler (MC dropout, method `mcd`).
 
 The KL of the posterior against the prior N(0, s_p^2) is a method of each layer (`kl`). Under
 DeepSpeed ZeRO-3 the adapter parameters are gathered only inside a module's forward, so a layer
@@ -33,13 +34,22 @@ from melora.config import AdapterConfig
 
 SAMPLING_MODES = ("auto", "mean", "sample")
 
+LOG_FLOOR = 1e-6
+"""Added to a posterior std inside the KL's log (as BLoB's code does). An optimiser step can take
+an entry of H (or BLoB's R_A) to 0, where -log Omega and its gradient -2/H are unbounded; with the
+floor the KL stays finite and its gradient in H is at most 1 / sqrt(LOG_FLOOR) = 1000, while at the
+initial std (about 2e-3) the value moves by under 0.1%."""
+
 
 class LoraLinear(nn.Module):
     """LoRA around a frozen linear layer: `y = W0 x + s B A dropout(x)`.
 
     A (r x n) starts Kaiming-uniform like PEFT's, B (m x r) starts at zero, so the adapted layer
-    starts equal to the base layer. The adapter parameters are kept in float32 whatever the base
-    dtype (as PEFT's `autocast_adapter_dtype`); the input is cast to it and the update cast back.
+    starts equal to the base layer. The adapter path computes in float32 whatever the base dtype
+    (as PEFT's `autocast_adapter_dtype`): the input and the adapter parameters are upcast (DeepSpeed's
+    bf16 mode casts every parameter, the adapter's included, to bf16), and the update is cast back
+    to the base layer's dtype. For Me-LoRA this keeps the posterior noise: near M = I bf16's spacing
+    (0.004-0.008) exceeds Omega (about 0.002), so C = M + Omega * E in bf16 rounds most of it away.
     """
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig) -> None:
@@ -71,19 +81,27 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     # ----- sampling --------------------------------------------------------------------------
+    # A LoRA layer has no posterior: when it samples at test, dropout is its sampler (MC dropout).
+    # BLoB and Me-LoRA draw from their posterior and apply dropout in training only.
+    dropout_at_test = True
+
     def is_sampling(self) -> bool:
-        """Whether this forward draws noise (and applies dropout)."""
+        """Whether this forward draws noise (the posterior's, or dropout masks for LoRA)."""
         if self.sampling_mode == "auto":
             return self.training
         return self.sampling_mode == "sample"
+
+    def applies_dropout(self, sample: bool) -> bool:
+        """Dropout while sampling: in `train()` for every method, in `eval()` for LoRA only (MCD)."""
+        return sample and self.dropout > 0 and (self.training or self.dropout_at_test)
 
     # ----- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         sample = self.is_sampling()
-        x = x.to(self.lora_A.dtype)
-        if sample and self.dropout > 0:
-            # F.dropout with training=True: "sample" mode keeps dropout on in eval() (MC dropout).
+        x = x.to(compute_dtype(self.lora_A))
+        if self.applies_dropout(sample):
+            # training=True: a LoRA layer in "sample" mode keeps dropout on in eval() (MC dropout)
             x = F.dropout(x, self.dropout, training=True)
         delta = self.delta(x, sample)
         if self.kl_hook is not None:
@@ -92,7 +110,7 @@ class LoraLinear(nn.Module):
 
     def delta(self, x: Tensor, sample: bool) -> Tensor:
         """The low-rank update before scaling: `B A x`."""
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(F.linear(x, upcast(self.lora_A)), upcast(self.lora_B))
 
     def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
         """LoRA has no posterior: its KL is 0."""
@@ -125,6 +143,8 @@ class MeLoraLinear(LoraLinear):
     of the input (one per sequence), applied as a batched r x r product.
     """
 
+    dropout_at_test = False  # at test the N draws come from the posterior alone
+
     def add_posterior_parameters(self, device: torch.device) -> None:
         self.lora_M = nn.Parameter(torch.empty(self.r, self.r, device=device))
         self.lora_H = nn.Parameter(torch.empty(self.r, self.r, device=device))
@@ -140,38 +160,41 @@ class MeLoraLinear(LoraLinear):
 
     @property
     def omega(self) -> Tensor:
-        """Omega = H**2, the posterior std of C (elementwise, never negative)."""
-        return self.lora_H**2
+        """Omega = H**2, the posterior std of C (elementwise, never negative; at least float32)."""
+        return upcast(self.lora_H) ** 2
 
     def delta(self, x: Tensor, sample: bool) -> Tensor:
-        u = F.linear(x, self.lora_A)  # (..., r)
+        M = upcast(self.lora_M)  # C, E and the products in float32 (see LoraLinear)
+        u = F.linear(x, upcast(self.lora_A))  # (..., r)
         if not sample:
-            v = F.linear(u, self.lora_M)
+            v = F.linear(u, M)
         elif self.config.sample_granularity == "batch" or u.dim() == 1:
-            C = torch.addcmul(self.lora_M, self.omega, torch.randn_like(self.lora_M))
+            C = torch.addcmul(M, self.omega, torch.randn_like(M))
             v = F.linear(u, C)
         else:  # one C per example: u is (b, ..., r), C is (b, r, r)
             b = u.shape[0]
             E = torch.randn(b, self.r, self.r, device=u.device, dtype=u.dtype)
-            C = torch.addcmul(self.lora_M, self.omega, E)
+            C = torch.addcmul(M, self.omega, E)
             v = torch.einsum("b...l,bkl->b...k", u, C)
-        return F.linear(v, self.lora_B)
+        return F.linear(v, upcast(self.lora_B))
 
     def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
         """KL(q(C) A || N(0, s_p^2)) with s_p = sigma_p + prior_eps (METHOD.md, paper Eq. 7-8).
 
-        paper: 1/(2 s_p^2) (||M A||_F^2 + ||Omega |A| ||_F^2) - sum_kl log Omega_kl  (constants dropped)
+        paper: 1/(2 s_p^2) (||M A||_F^2 + ||Omega |A| ||_F^2) - sum_kl log(Omega_kl + LOG_FLOOR)
+               (constants dropped)
         exact: sum_ij [log(s_p / std_ij) + (std_ij^2 + (M A)_ij^2) / (2 s_p^2) - 1/2],
-               std_ij^2 = ((Omega**2) @ (A**2))_ij, the exact marginal variance of (C A)_ij.
+               std_ij^2 = ((Omega**2) @ (A**2))_ij, the exact marginal variance of (C A)_ij
+               (its log floored as in `gaussian_kl`).
         """
         s_p = self.config.sigma_p + prior_eps
-        mean_q = self.lora_M @ self.lora_A
+        A = upcast(self.lora_A)
+        mean_q = upcast(self.lora_M) @ A
         if self.config.kl_variance == "paper":
-            std_q = self.omega @ self.lora_A.abs()
-            return (mean_q.pow(2).sum() + std_q.pow(2).sum()) / (2 * s_p**2) - torch.log(
-                self.omega
-            ).sum()
-        var_q = self.omega.pow(2) @ self.lora_A.pow(2)
+            std_q = self.omega @ A.abs()
+            log_omega = torch.log(self.omega + LOG_FLOOR)
+            return (mean_q.pow(2).sum() + std_q.pow(2).sum()) / (2 * s_p**2) - log_omega.sum()
+        var_q = self.omega.pow(2) @ A.pow(2)
         return gaussian_kl(mean_q, var_q, s_p)
 
     def mean_lora_factors(self) -> tuple[Tensor, Tensor]:
@@ -197,6 +220,8 @@ class BlobLinear(LoraLinear):
     the same per-token distribution as a fresh E per token.
     """
 
+    dropout_at_test = False  # at test the N draws come from the posterior alone
+
     def add_posterior_parameters(self, device: torch.device) -> None:
         self.lora_A_rho = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
 
@@ -209,14 +234,14 @@ class BlobLinear(LoraLinear):
 
     @property
     def a_std(self) -> Tensor:
-        """The posterior std of A, R_A**2."""
-        return self.lora_A_rho**2
+        """The posterior std of A, R_A**2 (at least float32)."""
+        return upcast(self.lora_A_rho) ** 2
 
     def delta(self, x: Tensor, sample: bool) -> Tensor:
-        u = F.linear(x, self.lora_A)
+        u = F.linear(x, upcast(self.lora_A))
         if sample:
             u = u + self._noise(x)
-        return F.linear(u, self.lora_B)
+        return F.linear(u, upcast(self.lora_B))
 
     def _noise(self, x: Tensor) -> Tensor:
         """(A~ - M_A) x for one draw (per forward or per example), with flipout if enabled."""
@@ -236,16 +261,31 @@ class BlobLinear(LoraLinear):
     def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
         """Closed-form KL(N(M_A, (R_A**2)^2) || N(0, s_p^2)) summed over the entries of A."""
         s_p = self.config.sigma_p + prior_eps
-        return gaussian_kl(self.lora_A, self.a_std.pow(2), s_p)
+        return gaussian_kl(upcast(self.lora_A), self.a_std.pow(2), s_p)
 
     def factors(self) -> dict[str, Tensor]:
         return {"A": self.lora_A, "B": self.lora_B, "A_std": self.a_std}
 
 
 def gaussian_kl(mean: Tensor, var: Tensor, s_p: float | Tensor) -> Tensor:
-    """sum_ij KL(N(mean_ij, var_ij) || N(0, s_p^2)) = sum [log(s_p/std) + (var + mean^2)/(2 s_p^2) - 1/2]."""
+    """sum_ij KL(N(mean_ij, var_ij) || N(0, s_p^2)) = sum [log(s_p/std) + (var + mean^2)/(2 s_p^2) - 1/2].
+
+    log std is taken as 1/2 log(var + LOG_FLOOR^2): finite at var = 0, and its gradient bounded
+    (about 1000 in BLoB's R_A), while a std of 1e-4 or more moves it by under 1e-4.
+    """
     s_p = torch.as_tensor(s_p, dtype=mean.dtype, device=mean.device)
-    return (torch.log(s_p) - 0.5 * torch.log(var) + (var + mean.pow(2)) / (2 * s_p**2) - 0.5).sum()
+    log_std = 0.5 * torch.log(var + LOG_FLOOR**2)
+    return (torch.log(s_p) - log_std + (var + mean.pow(2)) / (2 * s_p**2) - 0.5).sum()
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the adapter path computes in for a parameter `t`: at least float32."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def upcast(t: Tensor) -> Tensor:
+    """`t` in `compute_dtype` (bf16 / fp16 -> float32; float32 itself, no copy)."""
+    return t.to(compute_dtype(t))
 
 
 def _random_signs(shape: torch.Size, like: Tensor) -> Tensor:
@@ -258,8 +298,10 @@ LAYER_CLASSES: dict[str, type[LoraLinear]] = {
     "blob": BlobLinear,
     "melora": MeLoraLinear,
     # the baselines are LoRA layers: MCD keeps dropout on at test ("sample" mode), ENS averages
-    # several LoRA adapters, LAP fits a Laplace approximation around one (melora.baselines)
+    # several LoRA adapters, LAP fits a Laplace approximation around one, TS one temperature
+    # (melora.baselines)
     "mcd": LoraLinear,
     "ens": LoraLinear,
     "lap": LoraLinear,
+    "ts": LoraLinear,  # temperature scaling: a MAP LoRA, calibrated post hoc (baselines.temperature)
 }

@@ -1,8 +1,10 @@
-"""Metrics of a predictive distribution over K classes: ACC, NLL, ECE, Brier and OOD AUROC.
+"""Metrics of a predictive distribution over K classes: ACC, NLL, ECE, Brier, OOD AUROC, the
+uncertainty decomposition (entropy, mutual information) and selective prediction (AURC).
 
 Every function takes `probs` of shape (N, K) (rows are probability vectors: the N-sample
 predictive of `melora.evaluation.predict`) and integer `labels` of shape (N,), as torch tensors,
-numpy arrays or nested lists, and returns a python float. The maths is done in float64 numpy.
+numpy arrays or nested lists, and returns a python float (per-example quantities: a float64
+array of shape (N,)). The maths is done in float64 numpy.
 
 Classes a row does not have (a 3-choice question in a 5-choice batch) simply carry probability 0.
 The predicted class is `argmax_k p_k`; ties go to the lowest class index (numpy's argmax).
@@ -10,6 +12,7 @@ The predicted class is `argmax_k p_k`; ties go to the lowest class index (numpy'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,10 +182,7 @@ def ood_auroc(id_probs: Any, ood_probs: Any) -> float:
     """
     s_id = _check_probs(id_probs, "id_probs").max(axis=1)
     s_ood = _check_probs(ood_probs, "ood_probs").max(axis=1)
-    n1, n0 = len(s_id), len(s_ood)
-    ranks = _average_ranks(np.concatenate([s_id, s_ood]))
-    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2.0
-    return float(u / (n1 * n0))
+    return _auroc_of_scores(s_id, s_ood)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
@@ -190,6 +190,159 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     last_rank = np.cumsum(counts)  # the rank of the last member of each group of equal values
     return (last_rank - (counts - 1) / 2.0)[inverse.reshape(-1)]
+
+
+def _auroc_of_scores(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    """Mann-Whitney AUROC of ID (positive) against OOD scores, ties counting 1/2 (`ood_auroc`)."""
+    n1, n0 = len(id_scores), len(ood_scores)
+    ranks = _average_ranks(np.concatenate([id_scores, ood_scores]))
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+# ----- the uncertainty decomposition --------------------------------------------------------------
+_MI_TOLERANCE = 1e-4
+"""How far (nats) the expected entropy may exceed the entropy of the mean before it is an error:
+float32 averaging of N softmaxes costs about 1e-6; more means the inputs do not belong together."""
+
+
+def entropy(probs: Any) -> np.ndarray:
+    """H(p_i) = -sum_k p_ik log p_ik per row, in nats, with 0 log 0 = 0: a (N,) float64 array.
+
+    0 for a certain prediction, log K for the uniform one over K classes.
+    """
+    p = _check_probs(probs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0.0, p * np.log(p), 0.0)
+    return -terms.sum(axis=1)
+
+
+def expected_entropy(draws: Any) -> np.ndarray:
+    """E_s[H(p^s_i)] = (1/S) sum_{s=1..S} H(p^s_i): the mean over S draws of each draw's entropy.
+
+    `draws` has shape (S, N, K), the softmax of each of S posterior draws (dropout masks,
+    ensemble members) for N examples; returns a (N,) float64 array. This is the aleatoric part of
+    the predictive uncertainty; `melora.evaluation.predict_with_entropy` accumulates it batch by
+    batch, so the S probability tensors need not be kept.
+    """
+    d = _to_numpy(draws, "draws")
+    if d.ndim != 3 or d.shape[0] == 0:
+        raise ValueError(f"draws must have shape (S, N, K) with S >= 1, got shape {d.shape}")
+    return np.mean([entropy(d[s]) for s in range(d.shape[0])], axis=0)
+
+
+def _check_expected_entropy(p: np.ndarray, expected: Any, name: str) -> np.ndarray:
+    h = _to_numpy(expected, name)
+    if h.shape != (p.shape[0],):
+        raise ValueError(f"{name} must have shape ({p.shape[0]},) (one per example), got {h.shape}")
+    if not np.issubdtype(h.dtype, np.floating) or not np.isfinite(h).all() or h.min() < 0.0:
+        raise ValueError(f"{name} must hold finite entropies >= 0 in nats, got {h!r:.200}")
+    return h.astype(np.float64)
+
+
+def mutual_information(probs: Any, expected_entropy: Any) -> np.ndarray:
+    """Per example, the epistemic part of the predictive uncertainty, in nats (a (N,) array):
+
+        total      H[p_bar_i]                    p_bar_i = (1/S) sum_s p^s_i   (`probs`)
+        aleatoric  E_s[H(p^s_i)]                 (`expected_entropy`, see `expected_entropy`)
+        epistemic  MI_i = H[p_bar_i] - E_s[H(p^s_i)]
+
+    MI is the mutual information between the label and the posterior draw (BALD, Houlsby et al.
+    2011); it is >= 0 by the concavity of H (Jensen), 0 when every draw gives the same softmax,
+    and at most log K. Differences below 0 by rounding (float32 averaging, up to 1e-4) are
+    clipped to 0; a larger expected entropy than the mean's entropy is an error, since it cannot
+    come from the same draws. With S = 1 (or a deterministic model) MI is identically 0.
+    """
+    p = _check_probs(probs)
+    h = _check_expected_entropy(p, expected_entropy, "expected_entropy")
+    mi = entropy(p) - h
+    if mi.min() < -_MI_TOLERANCE:
+        raise ValueError(
+            f"expected_entropy exceeds the entropy of the mean prediction by up to {-mi.min():.4g} "
+            "nats: pass the mean over draws of each draw's entropy, and the mean of the draws' "
+            "softmaxes as probs (not logits, not a sum over draws)"
+        )
+    return np.maximum(mi, 0.0)
+
+
+def mean_mutual_information(probs: Any, expected_entropy: Any) -> float:
+    """(1/N) sum_i MI_i, the mean epistemic uncertainty of a set (`mutual_information`), in nats."""
+    return float(np.mean(mutual_information(probs, expected_entropy)))
+
+
+def ood_auroc_mi(
+    id_probs: Any, id_expected_entropy: Any, ood_probs: Any, ood_expected_entropy: Any
+) -> float:
+    """AUROC of telling in-distribution from OOD examples by mutual information (`ood_auroc`'s
+    statistic with the score s = -MI_i): an OOD example should show more epistemic uncertainty.
+
+    1.0: every ID example has a lower MI than every OOD one; ties (say MI = 0 on both) count 1/2.
+    """
+    s_id = -mutual_information(id_probs, id_expected_entropy)
+    s_ood = -mutual_information(ood_probs, ood_expected_entropy)
+    return _auroc_of_scores(s_id, s_ood)
+
+
+# ----- selective prediction -----------------------------------------------------------------------
+def risk_coverage_curve(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, risk), each (N,): keep the k most confident examples, k = 1..N.
+
+    Examples are ranked by confidence c_i = max_k p_ik, most confident first; coverage_k = k / N
+    and risk_k = (errors among the top k) / k, an error being argmax_k p_ik != y_i (the argmax of
+    `accuracy`). This is the risk-coverage curve of Geifman and El-Yaniv (2017).
+
+    Ties: examples of equal confidence cannot be ordered by the ranker, so a cut inside a group
+    of g tied examples with e errors counts the errors expected under a uniformly random order of
+    the group: j * e / g for the first j of them. The curve is then the mean over every order of
+    the tied examples, and does not depend on the order of the rows (a stable or index-order
+    tie-break would reward the order the examples happen to be listed in).
+    """
+    p, y = _check_inputs(probs, labels)
+    conf = p.max(axis=1)
+    errors = (p.argmax(axis=1) != y).astype(np.float64)
+    # Groups of equal confidence, most confident first (np.unique sorts -conf ascending).
+    _, group, counts = np.unique(-conf, return_inverse=True, return_counts=True)
+    group = group.reshape(-1)
+    group_errors = np.bincount(group, weights=errors, minlength=len(counts))
+    starts = np.cumsum(counts) - counts
+    errors_before = np.cumsum(group_errors) - group_errors
+    k = np.arange(1, len(y) + 1, dtype=np.float64)
+    g = np.repeat(np.arange(len(counts)), counts)  # the group at each rank
+    expected_errors = errors_before[g] + (k - starts[g]) * group_errors[g] / counts[g]
+    return k / len(y), expected_errors / k
+
+
+def aurc(probs: Any, labels: Any) -> float:
+    """Area under the risk-coverage curve: AURC = (1/N) sum_{k=1..N} risk_k (`risk_coverage_curve`).
+
+    Lower is better. 0 when every prediction is right; with e errors among N examples a perfect
+    ranker (every error less confident than every right answer) reaches the minimum
+    (1/N) sum_{k=N-e+1..N} (k - N + e) / k, and 1 means every prediction is wrong.
+    """
+    _, risk = risk_coverage_curve(probs, labels)
+    return float(np.mean(risk))
+
+
+def coverage_count(n: int, coverage: float) -> int:
+    """ceil(coverage * n), the number of examples kept at `coverage` (rounded to 1e-9 first, so
+    that 0.07 * 100 = 7.000000000000001 in floats keeps 7 examples, not 8)."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must lie in (0, 1], got {coverage!r}")
+    return max(1, math.ceil(round(coverage * n, 9)))
+
+
+def accuracy_at_coverage(probs: Any, labels: Any, coverage: float = 0.8) -> float:
+    """Accuracy on the ceil(coverage * N) most confident examples: 1 - risk_k at that k.
+
+    Ties at the cut count as in `risk_coverage_curve` (the mean over the orders of the tied group).
+    At coverage 1 this is `accuracy`.
+    """
+    _, risk = risk_coverage_curve(probs, labels)
+    return float(1.0 - risk[coverage_count(len(risk), coverage) - 1])
+
+
+def selective(probs: Any, labels: Any) -> dict[str, float]:
+    """The selective-prediction metrics: {"aurc": `aurc`, "acc_cov80": accuracy at 80% coverage}."""
+    return {"aurc": aurc(probs, labels), "acc_cov80": accuracy_at_coverage(probs, labels, 0.8)}
 
 
 def compute_all(probs: Any, labels: Any, n_bins: int = 15) -> dict[str, float]:

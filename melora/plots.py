@@ -1,4 +1,5 @@
-"""Reliability diagrams (PNG, matplotlib's Agg renderer: no display needed).
+"""Reliability diagrams and accuracy-coverage curves (PNG, matplotlib's Agg renderer: no display
+needed).
 
 Figures are built with `matplotlib.figure.Figure` directly, never through pyplot, so no global
 backend or figure state is touched and nothing needs closing. Files are written to a temporary
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from melora.metrics import calibration_bins, ece
+from melora.metrics import aurc, calibration_bins, ece, risk_coverage_curve
 
 
 def reliability_diagram(
@@ -52,6 +53,33 @@ def reliability_diagrams(
         path = Path(out_dir) / (key.replace("/", "_") + ".png")
         paths.append(reliability_diagram(probs, labels, path, n_bins=n_bins, title=key))
     return paths
+
+
+def accuracy_coverage_plot(
+    curves: Mapping[str, tuple[Any, Any]],
+    path: str | os.PathLike[str],
+    title: str | None = None,
+) -> Path:
+    """Write accuracy against coverage (selective prediction), one curve per entry, to `path`.
+
+    `curves` maps a legend label (say "N=10") to (probs, labels). At coverage k/n the curve shows
+    the accuracy of the k most confident examples, 1 - risk_k of `melora.metrics.risk_coverage_curve`
+    (ties in confidence averaged over their orders); the legend carries each curve's AURC, and a
+    dotted line marks 80% coverage (`acc_cov80`). A good ranker's curve falls from the left.
+    """
+    if not curves:
+        raise ValueError("accuracy_coverage_plot needs at least one (probs, labels) curve")
+    fig = Figure(figsize=(5.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for label, (probs, labels) in curves.items():
+        coverage, risk = risk_coverage_curve(probs, labels)
+        ax.plot(coverage, 1.0 - risk, label=f"{label} (AURC {aurc(probs, labels):.4f})")
+    ax.axvline(0.8, linestyle=":", color="gray", label="80% coverage")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="coverage (most confident first)",
+           ylabel="accuracy of the kept examples")  # fmt: skip
+    ax.legend(loc="lower left", fontsize="small")
+    ax.set_title(title or "accuracy against coverage", fontsize="medium")
+    return _save_atomically(fig, Path(path))
 
 
 def _draw(

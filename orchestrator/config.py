@@ -17,6 +17,7 @@ import json
 import math
 import operator
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,7 @@ from melora.config import AdapterConfig
 from melora.errors import ConfigError
 from melora.objective import KL_WEIGHTINGS
 from melora.tasks import PROMPT_STYLES, SPLIT_POLICIES, TASKS
+from orchestrator.redaction import REDACTED, is_secret_key, redact, redact_uri
 
 DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -41,6 +43,13 @@ ZERO_STAGES = (0, 2, 3)
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql")
 RESERVED_TAGS = ("method", "task", "seed", "sweep", "git_sha")
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_TAG_KEY = re.compile(r"[\w./\- ]{1,250}")  # MLflow's tag keys (tracking._check_name)
+# Limits on what a config file may hold; a real config is far inside each.
+MAX_CONFIG_BYTES = 1_000_000  # the size of a config file
+MAX_DEPTH = 32  # nesting of mappings and lists (a sweep's named axis is about 6 deep)
+MAX_VALUES = 100_000  # values in the file, counting each YAML alias as the copy it stands for
+MAX_SEED = 2**31 - 1  # seeds derived from `seed` must stay within torch.manual_seed's 64 bits
+_INT64 = 2**63 - 1
 
 
 # ----- sections ---------------------------------------------------------------------------------
@@ -79,6 +88,8 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.name_or_path={self.name_or_path!r}: no such folder (a local model must be a folder with config.json)"
                 )
+            # absolute: Ray Train workers need not share the driver's working directory
+            self.name_or_path = str(Path(self.name_or_path).expanduser().resolve())
 
     def resolved_dtype(self, on_gpu: bool) -> str:
         """The dtype the base weights load in: 'bfloat16' or 'float32' ('auto' follows the device)."""
@@ -160,6 +171,8 @@ class TaskConfig:
             raise ConfigError(
                 f"task.data_dir={self.data_dir!r}: no such folder; give an existing folder or null to load from the hub"
             )
+        if self.data_dir is not None:  # absolute, as model.name_or_path
+            self.data_dir = str(Path(self.data_dir).expanduser().resolve())
 
 
 @dataclass
@@ -371,7 +384,10 @@ class TrackingConfig:
         },
     )
     experiment: str = field(
-        default="melora", metadata={"help": "MLflow experiment name (created when missing)."}
+        default="melora",
+        metadata={
+            "help": "MLflow experiment name (created when missing; it names report folders): 1-100 letters, digits, '.', '_', '-', starting with a letter or digit."
+        },
     )
     storage_path: str | None = field(
         default=None,
@@ -382,7 +398,7 @@ class TrackingConfig:
     tags: dict[str, str] = field(
         default_factory=dict,
         metadata={
-            "help": "Extra MLflow tags for the run, e.g. {owner: me}; method, task, seed, sweep and git_sha are set by the run."
+            "help": "Extra MLflow tags for the run, e.g. {owner: me}; method, task, seed, sweep and git_sha are set by the run. A secret-named tag (hf_token) is never logged and reads '***' in written configs."
         },
     )
 
@@ -390,6 +406,15 @@ class TrackingConfig:
         _validate(self)
         if not self.experiment.strip():
             raise ConfigError("tracking.experiment='' is empty: give an MLflow experiment name")
+        if not _RUN_NAME.fullmatch(self.experiment):  # it becomes a folder name (jobs/report.py)
+            raise ConfigError(
+                f"tracking.experiment={short_repr(self.experiment)} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        for key in self.tags:
+            if not _TAG_KEY.fullmatch(key):
+                raise ConfigError(
+                    f"tracking.tags key {short_repr(key)} is not allowed: MLflow takes 1-250 letters, digits, '_', '-', '.', ' ' and '/'"
+                )
         if self.tracking_uri is not None:
             _check_tracking_uri(self.tracking_uri)
         if self.storage_path is not None and not self.storage_path.strip():
@@ -438,7 +463,11 @@ class RunConfig:
     )
     seed: int = field(
         default=1,
-        metadata={"help": "Seed of the adapter init, data order and posterior samples.", "ge": 0},
+        metadata={
+            "help": "Seed of the adapter init, data order and posterior samples: 0 .. 2^31-1 (the seeds derived from it stay within torch.manual_seed's 64 bits).",
+            "ge": 0,
+            "le": MAX_SEED,
+        },
     )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The base model."})
     adapter: AdapterConfig = field(
@@ -475,7 +504,7 @@ class RunConfig:
         _validate(self, skip=tuple(SECTIONS))
         if self.name is not None and not _RUN_NAME.fullmatch(self.name):
             raise ConfigError(
-                f"name={self.name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+                f"name={short_repr(self.name)} is not allowed: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         _check_combinations(self)
 
@@ -489,13 +518,16 @@ class RunConfig:
         return _plain(self)
 
     def to_yaml(self) -> str:
-        """The resolved config as YAML text; `load_config` of it gives an equal config."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        """The resolved config as YAML text, as written beside a run; `load_config` of it gives an
+        equal config, except that secrets read '***' (orchestrator.redaction: secret-named tags,
+        the credentials of the tracking URI)."""
+        return yaml.safe_dump(redact(self.to_dict()), sort_keys=False, default_flow_style=False)
 
     def flat_params(self) -> dict[str, str | int | float | bool]:
-        """{'adapter.sigma_p': 0.2, ...} for MLflow params: lists and dicts as JSON text, null as 'null'."""
+        """{'adapter.sigma_p': 0.2, ...} for MLflow params: lists and dicts as JSON text, null as
+        'null'; secrets read '***' (as in `to_yaml`)."""
         flat: dict[str, str | int | float | bool] = {}
-        for section, value in self.to_dict().items():
+        for section, value in redact(self.to_dict()).items():
             items = value.items() if section in SECTIONS else [(None, value)]
             for key, v in items:
                 name = f"{section}.{key}" if key else section
@@ -520,7 +552,7 @@ class RunConfig:
                     value = {}
                 if not isinstance(value, Mapping):
                     raise ConfigError(
-                        f"{key}={value!r} must be a mapping of {key} fields: allowed keys are {_field_names(section_cls)}"
+                        f"{key}={short_repr(value)} must be a mapping of {key} fields: allowed keys are {_field_names(section_cls)}"
                     )
                 _check_keys(key, value, section_cls)
                 value = section_cls(**value)
@@ -547,15 +579,21 @@ class RunConfig:
 
 # ----- loading ----------------------------------------------------------------------------------
 def load_experiment(
-    path: str | Path, overrides: Iterable[str] = ()
+    path: str | Path, overrides: Iterable[str] = (), allow_empty: bool = True
 ) -> tuple[RunConfig, dict[str, Any]]:
     """Read an experiment YAML: (the validated run config, its raw `sweep:` section or {}).
 
     `overrides` are `key=value` strings (`--set` arguments) with dotted keys, applied to the file's
     values before validation; values are read as YAML ('0.1', '[a, b]', 'null', 'true').
+    `allow_empty=False` refuses a file with no settings (the defaults are the demo run).
     """
     parsed = parse_overrides(overrides)
     raw = read_yaml(path)
+    if not raw and not allow_empty:
+        raise ConfigError(
+            f"config file {short_repr(str(path))} is empty: an experiment sets at least one "
+            "section (model:, adapter:, task:, ... sweep:); jobs/configs/demo.yaml is an example"
+        )
     for key, value in parsed:
         _check_dotted_key(key)
         _set_dotted(raw, key, value)
@@ -563,7 +601,9 @@ def load_experiment(
     if sweep is None:
         sweep = {}
     if not isinstance(sweep, dict):
-        raise ConfigError(f"{path}: sweep={sweep!r} must be a mapping (the sweep section)")
+        raise ConfigError(
+            f"{path}: sweep={short_repr(sweep)} must be a mapping (the sweep section)"
+        )
     try:
         return RunConfig.from_dict(raw), sweep
     except ConfigError as e:
@@ -579,18 +619,38 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file; a missing file, a syntax error (with its line) or a repeated key is a ConfigError."""
     path = Path(path)
     if not path.is_file():
+        what = "is not a file" if path.exists() else "not found"
         raise ConfigError(
-            f"config file {str(path)!r} not found (looked in {path.resolve().parent})"
+            f"config file {short_repr(str(path))} {what} (looked in {path.resolve().parent})"
         )
     try:
-        data = yaml.load(
-            path.read_text(encoding="utf-8"), Loader=_Loader
-        )  # SafeLoader subclass: plain data only
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: {size} bytes is too large for a config file (at most {MAX_CONFIG_BYTES})"
+            )
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(
+            f"{path} line {line}, column {column}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # SafeLoader subclass: plain data only
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
+        raise ConfigError(
+            f"{path}{_yaml_where(e, text)}: malformed YAML: {_yaml_problem(e)}"
+        ) from None
+    try:
+        _check_plain(data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -610,21 +670,51 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
         key = key.strip()
         if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key):
             raise ConfigError(
-                f"--set {item!r} is malformed: expected key=value with a dotted key, e.g. --set optim.lr=1e-4"
+                f"--set {short_repr(item)} is malformed: expected key=value with a dotted key, e.g. --set optim.lr=1e-4"
             )
         try:
             value = yaml.load(text, Loader=_Loader)  # SafeLoader subclass: plain data only
         except yaml.YAMLError as e:
             raise ConfigError(
-                f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote strings with special characters"
+                f"--set {short_repr(item)}: the value is not valid YAML ({_yaml_problem(e)}); quote strings with special characters"
             ) from None
+        try:
+            _check_plain(value, key)
+        except ConfigError as e:
+            raise ConfigError(f"--set {key}: {e}") from None
         parsed.append((key, value))
     return parsed
 
 
 # ----- helpers ----------------------------------------------------------------------------------
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-4 as a float (YAML 1.1 needs '1.0e-4') and refuses repeated keys."""
+    """SafeLoader that reads 1e-4 as a float (YAML 1.1 needs '1.0e-4'), refuses repeated keys,
+    keys that are lists or mappings, nesting deeper than MAX_DEPTH and integers of thousands of digits."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested more than {MAX_DEPTH} levels deep",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node: yaml.Node) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # beyond Python's 4300 digits
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} digits is too large", node.start_mark
+            ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 _Loader.add_implicit_resolver(
@@ -637,6 +727,14 @@ _Loader.add_implicit_resolver(
 def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            what = "a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"a mapping key must be a plain value (a name or a number), not {what}",
+                key_node.start_mark,
+            )
         key = loader.construct_object(key_node)
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -647,6 +745,25 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_where(e: yaml.YAMLError, text: str) -> str:
+    """' line L, column C' of a YAML error, when it has a position."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        return f" line {mark.line + 1}, column {mark.column + 1}"
+    position = getattr(e, "position", None)  # a reader error: a character YAML refuses
+    if isinstance(position, int):
+        line = text.count("\n", 0, position) + 1
+        return f" line {line}, column {position - (text.rfind(chr(10), 0, position) + 1) + 1}"
+    return ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.reader.ReaderError):
+        return f"character {e.character!r} is not allowed in YAML"
+    text = str(getattr(e, "problem", None) or e)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -668,6 +785,28 @@ def _check_combinations(cfg: RunConfig) -> None:
             "laplace.prior_tuning='gridsearch' with task.split_policy='blob': the gridsearch "
             "tunes the prior precision on the validation split, and the 'blob' policy has none. "
             "Use laplace.prior_tuning 'marglik', or task.split_policy 'paper' or 'laplace'"
+        )
+    if cfg.adapter.method == "ts" and cfg.task.split_policy == "blob":
+        raise ConfigError(
+            "adapter.method='ts' with task.split_policy='blob': temperature scaling fits its "
+            "temperature on the validation split, and the 'blob' policy has none. Use "
+            "task.split_policy 'paper' or 'laplace'"
+        )
+    r, workers = cfg.adapter.r, cfg.scaling.num_workers
+    if (
+        cfg.scaling.zero_stage == 3
+        and cfg.adapter.method == "melora"
+        and cfg.optim.kl_optimizer == "sgd"
+        and (r * r) % workers
+    ):
+        fits = [w for w in range(1, r * r + 1) if (r * r) % w == 0 and w <= 2 * workers]
+        raise ConfigError(
+            f"adapter.r={r} with scaling.num_workers={workers} cannot run under "
+            "scaling.zero_stage=3 with optim.kl_optimizer='sgd': the SGD step on the KL writes "
+            "DeepSpeed's fp32 copy of each adapter tensor (safe_set_full_fp32_param), which cuts "
+            f"it into {workers} equal parts, and M and H have r x r = {r * r} entries. Use a "
+            f"number of workers that divides {r * r} (e.g. {fits[-3:]}), an adapter.r whose "
+            "square it divides, optim.kl_optimizer 'joint', or scaling.zero_stage 2"
         )
     dtype = cfg.model.resolved_dtype(on_gpu=cfg.scaling.use_gpu)
     if cfg.scaling.zero_stage == 0 and dtype == "bfloat16":
@@ -700,12 +839,12 @@ def _validate(obj: Any, skip: tuple[str, ...] = ()) -> None:
         meta = f.metadata
         if "choices" in meta and value not in meta["choices"]:
             raise ConfigError(
-                f"{key}={value!r} is not allowed: choose one of {list(meta['choices'])}"
+                f"{key}={short_repr(value)} is not allowed: choose one of {list(meta['choices'])}"
             )
         for bound, (ok, words) in _BOUNDS.items():
             if bound in meta and value is not None and not ok(value, meta[bound]):
                 raise ConfigError(
-                    f"{key}={value!r} is out of range: allowed is {words} {meta[bound]}"
+                    f"{key}={short_repr(value)} is out of range: allowed is {words} {meta[bound]}"
                 )
         setattr(obj, f.name, value)
 
@@ -721,47 +860,135 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
+        raise ConfigError(f"{key}={short_repr(value)} must be true or false")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}={value!r} must be an integer")
+        raise ConfigError(f"{key}={short_repr(value)} must be an integer")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value):
             return float(value)
-        raise ConfigError(f"{key}={value!r} must be a finite number")
+        raise ConfigError(f"{key}={short_repr(value)} must be a finite number")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}={value!r} must be a string")
+        raise ConfigError(f"{key}={short_repr(value)} must be a string")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
+            raise ConfigError(f"{key}={short_repr(value)} must be a list")
         return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}={value!r} must be a mapping")
+            raise ConfigError(f"{key}={short_repr(value)} must be a mapping")
         for k, v in value.items():
             if not isinstance(k, str) or not k or not isinstance(v, (str, int, float, bool)):
+                shown = REDACTED if is_secret_key(k) else short_repr(v)  # never echo a secret
                 raise ConfigError(
-                    f"{key}[{k!r}]={v!r}: allowed are string keys with string or number values"
+                    f"{key}[{short_repr(k)}]={shown}: allowed are string keys with string or number values"
                 )
         return {k: str(v) for k, v in value.items()}
     raise TypeError(f"no validation for the type {hint!r} of {key}")  # a bug in this module
 
 
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
 def _check_tracking_uri(uri: str) -> None:
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as e:
+        raise ConfigError(
+            f"tracking.tracking_uri={short_repr(redact_uri(uri))} is not a valid URI: {e}"
+        ) from None
     scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2://
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError(
-            f"tracking.tracking_uri={uri!r} has an unsupported scheme: use one of {[s + '://' for s in TRACKING_SCHEMES]}"
+            f"tracking.tracking_uri={short_repr(redact_uri(uri))} has an unsupported scheme: use one of {[s + '://' for s in TRACKING_SCHEMES]}"
         )
     if parts.password:
         raise ConfigError(
             "tracking.tracking_uri contains a password: remove it from the URI and set "
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment instead"
         )
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def short_repr(value: Any, limit: int = 100) -> str:
+    """repr(value) for a message, cut to about `limit` characters without building the whole
+    repr (a YAML alias bomb would expand to billions of values); a huge string keeps its start."""
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int beyond Python's 4300 printable digits
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shorten_message(text: str, word: int = 200, limit: int = 1500) -> str:
+    """A message fit to print: each run of more than `word` non-space characters (a huge value
+    or key) is cut in its middle, and the whole to about `limit` characters."""
+
+    def cut(m: re.Match) -> str:
+        s = m.group()
+        return f"{s[:100]}...[{len(s) - 120} characters cut]...{s[-20:]}"
+
+    text = re.sub(rf"\S{{{word + 1},}}", cut, text)
+    if len(text) > limit:
+        cut_n = len(text) - limit + 350
+        text = f"{text[: limit - 400]} ...[{cut_n} characters cut]... {text[-350:]}"
+    return text
+
+
+def _check_plain(data: Any, where: str) -> None:
+    """Refuse what config data never holds: a value that contains itself, more than MAX_VALUES
+    values once YAML aliases are expanded, nesting deeper than MAX_DEPTH, an integer beyond 64 bits.
+
+    Iterative and memoised by object, so an alias bomb costs its size on disk, not its expansion.
+    """
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, str, bool]] = [(data, where, False)]
+    while stack:
+        node, path, done = stack.pop()
+        if not isinstance(node, (dict, list)):
+            if isinstance(node, int) and not isinstance(node, bool) and abs(node) > _INT64:
+                raise ConfigError(
+                    f"{path}={short_repr(node)} is too large: integers in a config fit in 64 bits"
+                )
+            continue
+        key = id(node)
+        children = list(node.values()) if isinstance(node, dict) else node
+        if done:
+            open_.discard(key)
+            sizes[key] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            depths[key] = 1 + max((depths.get(id(c), 0) for c in children), default=0)
+            if sizes[key] > MAX_VALUES:
+                raise ConfigError(
+                    f"{path} expands to more than {MAX_VALUES} values (YAML aliases?): "
+                    f"{short_repr(node)}; a config holds far fewer"
+                )
+            if depths[key] > MAX_DEPTH:
+                raise ConfigError(f"{path} is nested more than {MAX_DEPTH} levels deep")
+            continue
+        if key in sizes:  # another alias of a value already counted
+            continue
+        if key in open_:
+            raise ConfigError(f"{path} contains itself (a YAML alias inside its own anchor)")
+        open_.add(key)
+        stack.append((node, path, True))
+        if isinstance(node, dict):
+            stack += [(v, f"{path}.{k}" if path else str(k), False) for k, v in node.items()]
+        else:
+            stack += [(v, f"{path}[{i}]", False) for i, v in enumerate(node)]
 
 
 def _field_names(cls: type) -> list[str]:
@@ -772,11 +999,11 @@ def _check_keys(section: str, d: Mapping[str, Any], cls: type) -> None:
     allowed = _field_names(cls)
     for key in d:
         if key not in allowed:
-            dotted = f"{section}.{key}" if section else str(key)
-            close = difflib.get_close_matches(str(key), allowed, n=1)
+            dotted = short_repr(f"{section}.{key}" if section else str(key))
+            close = difflib.get_close_matches(str(key)[:100], allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             where = f"in {section}" if section else "at the top level"
-            raise ConfigError(f"unknown key {dotted!r}{hint}; allowed keys {where}: {allowed}")
+            raise ConfigError(f"unknown key {dotted}{hint}; allowed keys {where}: {allowed}")
 
 
 def _check_dotted_key(key: str) -> None:
@@ -809,7 +1036,7 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(child, dict):
             where = ".".join(parents[: i + 1])
             raise ConfigError(
-                f"cannot set {key!r}: {where!r} is a value ({child!r}), not a section"
+                f"cannot set {key!r}: {where!r} is a value ({short_repr(child)}), not a section"
             )
         node = child
     node[last] = value

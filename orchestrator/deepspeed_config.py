@@ -24,9 +24,14 @@ def deepspeed_config(run: RunConfig, world_size: int, on_gpu: bool) -> dict[str,
       `gradient_accumulation_steps` = optim.grad_accum, and `train_batch_size` their product times
       `world_size`, the three numbers DeepSpeed checks against each other.
     - Precision: `bf16` when the base weights load in bf16 (model.dtype 'auto' on a GPU, or
-      'bfloat16'); DeepSpeed then keeps fp32 master weights of the trainable adapter in its
-      optimiser wrapper. On CPU with 'auto' everything is fp32. fp16 is never used (no loss scaling
-      to tune; every GPU that runs Llama-2 13B here has bf16).
+      'bfloat16'); DeepSpeed then casts every parameter, the adapter's included, to bf16 (under
+      ZeRO-3 with `zero.Init` the adapter, attached after loading, stays fp32) and keeps fp32
+      master weights of the trainable adapter in its ZeRO optimiser. The layers compute the
+      adapter path in fp32 (melora.layers), and the adapter's gradients are accumulated
+      (`data_types.grad_accum_dtype`) and reduced over ranks (`communication_data_type`) in fp32:
+      in bf16 the small gradients of H (Omega = H**2, about 2e-3) lose all but 8 bits. On CPU
+      with 'auto' everything is fp32. fp16 is never used (no loss scaling to tune; every GPU that
+      runs Llama-2 13B here has bf16).
     - Optimiser and schedule: no "optimizer" or "scheduler" block. The worker passes a
       `torch.optim.AdamW` and its own schedule to `deepspeed.initialize`: DeepSpeed's Adam variants
       compile FusedAdam / cpu_adam first (about 65 s on CPU), and the torch optimiser behaves the
@@ -53,12 +58,16 @@ def deepspeed_config(run: RunConfig, world_size: int, on_gpu: bool) -> dict[str,
         zero.update(contiguous_gradients=True, overlap_comm=on_gpu)
     if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
-    return {
+    bf16 = run.model.resolved_dtype(on_gpu) == "bfloat16"
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": run.optim.max_grad_norm or 0.0,
-        "bf16": {"enabled": run.model.resolved_dtype(on_gpu) == "bfloat16"},
+        "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
     }
+    if bf16:
+        config.update(communication_data_type="fp32", data_types={"grad_accum_dtype": "fp32"})
+    return config

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 
 from melora.baselines.laplace import LaplaceLoRA
-from melora.evaluation import metrics_of
+from melora.evaluation import metrics_of, uncertainty_metrics_of
 from melora.tasks import make_loader
+from orchestrator import collectives
 from orchestrator.config import RunConfig
 from orchestrator.trainer import RunResult
 
@@ -55,9 +56,7 @@ def evaluate_final_laplace(module, data, run: RunConfig) -> tuple[dict[str, floa
             _, val_loader = _shard(data, data.validation, cfg.predict_batch_size)
         lap.tune_prior_precision(val_loader, all_reduce=_sum_over_ranks(world), generator=generator)
         if world > 1:  # the same posterior on every rank, whatever rounding made of the fit
-            prior = lap.prior_precision.to(_comm_device())
-            dist.broadcast(prior, src=0)
-            lap.prior_precision = prior.cpu()
+            lap.prior_precision = collectives.broadcast(lap.prior_precision.cpu(), src=0)
         t0 = time.perf_counter()
         n_samples = run.eval.n_samples
         test = _sharded_sets(lap, data, {t.name: data.test}, n_samples, "test", generator)
@@ -76,6 +75,7 @@ def evaluate_final_laplace(module, data, run: RunConfig) -> tuple[dict[str, floa
         }
     final = metrics_of(test, run.eval.ece_bins)
     final.update(metrics_of(ood, run.eval.ece_bins, id_predictions=test, id_task=t.name))
+    final.update(uncertainty_metrics_of({**test, **ood}))  # selective prediction (no MI yet)
     final.update(info)
     return final, {**test, **ood}
 
@@ -120,18 +120,9 @@ def _sum_over_ranks(world: int):
         return None
 
     def all_reduce(tensor: torch.Tensor) -> None:
-        on_device = tensor.to(_comm_device())
-        dist.all_reduce(on_device)
-        tensor.copy_(on_device.cpu())
+        tensor.copy_(collectives.all_reduce(tensor))
 
     return all_reduce
-
-
-def _comm_device() -> torch.device:
-    """Where collectives take their tensors: the current GPU under NCCL, else the CPU (gloo)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # ----- post hoc, on a finished run --------------------------------------------------------------------

@@ -13,7 +13,7 @@ runs enter the tables; the others are listed with their status and reason.
 
 Rows (the paper's method rows), from each run's `method` tag and params:
     lora with optim.weight_decay > 0 -> MAP (the paper's MAP)   lora without -> LoRA
-    mcd -> MCD   ens -> ENS   lap -> LAP   blob -> BLoB
+    mcd -> MCD   ens -> ENS   lap -> LAP   ts -> MAP+TS (temperature scaling)   blob -> BLoB
     melora with adapter.prior_noise -> Me-LoRA (the paper's "Ours")
     melora without                  -> Me-LoRA w/o noise (Tables 4 and 5)
 Runs of one row that differ in any other config field between runs of the same task and seed
@@ -26,7 +26,7 @@ in the paper's order.
 Which N (posterior samples; `test/<task>/<metric>_n<N>`). `n_samples="paper"` (the default) takes
 per method the first of these that the runs logged: BLoB and Me-LoRA N = 1 (the paper: "sampled
 once" in training, validation and testing), else 10, else 0; MCD and LAP N = 10 (METHOD.md), else
-1, else 0; LoRA / MAP and ENS N = 0 (deterministic: every N gives the same predictive). An integer
+1, else 0; LoRA / MAP, MAP+TS and ENS N = 0 (deterministic: every N gives the same predictive). An integer
 uses that N for every row. The N of each row is printed under each table.
 
 Cells: mean and standard deviation over the runs (seeds) of a row and column, the std with
@@ -34,6 +34,10 @@ Bessel's correction (n - 1; the paper does not say which); ACC, ECE and AUROC in
 Brier raw, as the paper prints them. Best in bold and second best underlined, by the value as
 printed and the metric's direction (ACC and AUROC higher, ECE, NLL and Brier lower); equal printed
 values share the mark. A row or cell without finished runs prints "—" and is listed under the table.
+Beyond the paper (`metrics=`): `aurc` (area under the risk-coverage curve, %, lower), `acc_cov80`
+(accuracy of the 80% most confident, %, higher), `mi` (mean mutual information in nats, not
+ranked) and `auroc_mi` (OOD AUROC by MI, %, higher); MI exists only for methods that sample at
+test at N >= 2, so their rows need `n_samples=10` (or whichever N >= 2 the runs logged).
 
 `paper` adds the paper's published numbers as rows "<method> (paper)" under ours, ranked among
 themselves: "auto" picks by the runs' model (Llama2-13B: Tables 2 and 3, or 4 and 5 when a
@@ -70,7 +74,7 @@ from orchestrator.paper_tables import TABLES, PaperTable
 from orchestrator.sweep_config import ENS_MEMBER, ROLE_TAG
 
 DEFAULT_METRICS = ("acc", "ece", "nll")
-ROW_ORDER = ("MAP", "LoRA", "MCD", "ENS", "LAP", "BLoB", "Me-LoRA", "Me-LoRA w/o noise")
+ROW_ORDER = ("MAP", "LoRA", "MAP+TS", "MCD", "ENS", "LAP", "BLoB", "Me-LoRA", "Me-LoRA w/o noise")
 PAPER_ROW = {  # our row -> the paper's row name
     "MAP": "MAP",
     "MCD": "MCD",
@@ -87,6 +91,7 @@ N_PREFERENCE = {  # n_samples="paper": per method, the first N the runs logged
     "lap": (10, 1, 0),
     "lora": (0, 1, 10),
     "ens": (0, 1, 10),
+    "ts": (0, 1, 10),
 }
 TASK_ORDER = (  # the paper's column order; other tasks follow alphabetically
     "winogrande_s",
@@ -113,7 +118,11 @@ TASK_LABELS = {
 SWEPT_AXES = ("adapter.sigma_p", "adapter.r")  # the x axes of the sweep figures
 TILES_PER_LINE = 4  # reliability diagrams side by side, then wrapped
 _NOT_A_ROW_FIELD = ("name", "seed")  # with task.* and tracking.*: never splits a row
-_FINAL = re.compile(r"(test|ood)/([\w.-]+)/(acc|nll|ece|brier|auroc)_n(\d+)")
+_FINAL = re.compile(
+    r"(test|ood)/([\w.-]+)/(acc_cov80|acc|nll|ece|brier|auroc_mi|auroc|mi|aurc)_n(\d+)"
+)
+OOD_ONLY = ("auroc", "auroc_mi")  # need an ID set to compare with: no cell in a test column
+SAMPLED_ONLY = ("mi", "auroc_mi")  # logged only where the predictive averages N >= 2 draws
 MISSING = "—"
 
 
@@ -126,13 +135,13 @@ class MetricSpec:
     """How a metric is printed and ranked."""
 
     label: str
-    higher_is_better: bool
+    higher_is_better: bool | None  # None: no better direction (MI), so no best / second marks
     scale: float  # 100: printed in percent
     decimals: int
 
     @property
     def arrow(self) -> str:
-        return "↑" if self.higher_is_better else "↓"
+        return {True: "↑", False: "↓", None: ""}[self.higher_is_better]
 
 
 METRICS = {
@@ -141,6 +150,10 @@ METRICS = {
     "nll": MetricSpec("NLL", False, 1.0, 2),
     "brier": MetricSpec("Brier", False, 1.0, 3),
     "auroc": MetricSpec("AUROC", True, 100.0, 2),
+    "aurc": MetricSpec("AURC", False, 100.0, 2),  # area under the risk-coverage curve
+    "acc_cov80": MetricSpec("ACC@80", True, 100.0, 2),  # accuracy at 80% coverage
+    "mi": MetricSpec("MI", None, 1.0, 4),  # mean mutual information (epistemic), nats
+    "auroc_mi": MetricSpec("AUROC-MI", True, 100.0, 2),  # OOD detection by MI
 }
 
 
@@ -270,6 +283,7 @@ def build_report(
             f"({_status_counts(runs)}){_first_reason(runs)}"
         )
     tables = _tables(runs, list(metrics), n_samples, paper, notes)
+    notes.extend(_blob_notes(finished))
     for run in runs:
         if run.status != "FINISHED":
             notes.append(
@@ -378,14 +392,44 @@ def _to_run(r: tracking.RunRecord) -> Run:
     )
 
 
+def _blob_notes(runs: list[Run]) -> list[str]:
+    """How the BLoB rows were run, read from their params: the paper's replication (no flipout,
+    Me-LoRA's KL regularisation with prior noise) or the official BLoB (flipout, a fixed prior)."""
+    kinds = {
+        (False, True): "as the paper re-implemented it",
+        (True, False): "as the official BLoB",
+    }
+    settings = {
+        (
+            _is_true(r.params.get("adapter.flipout", "true")),
+            _is_true(r.params.get("adapter.prior_noise", "true")),
+        )
+        for r in runs
+        if r.method == "blob"
+    }
+    notes = []
+    for flipout, noise in sorted(settings):
+        prior = "on (Me-LoRA's KL regularisation)" if noise else "off (a fixed prior)"
+        notes.append(
+            f"BLoB rows {kinds.get((flipout, noise), 'in a variant')}: "
+            f"flipout {'on' if flipout else 'off'}, prior noise {prior}"
+        )
+    return notes
+
+
+def _is_true(value: str) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
 def method_row(method: str, params: Mapping[str, str]) -> str:
     """The paper's method row of a run (module docstring): MAP, LoRA, MCD, ENS, LAP, BLoB, Me-LoRA, ..."""
     if method == "lora":
         return "MAP" if (_as_float(params.get("optim.weight_decay")) or 0.0) > 0 else "LoRA"
     if method == "melora":
-        noise = str(params.get("adapter.prior_noise", "true")).lower() in ("true", "1", "yes")
+        noise = _is_true(params.get("adapter.prior_noise", "true"))
         return "Me-LoRA" if noise else "Me-LoRA w/o noise"
-    return {"blob": "BLoB", "mcd": "MCD", "ens": "ENS", "lap": "LAP"}.get(method, method)
+    labels = {"blob": "BLoB", "mcd": "MCD", "ens": "ENS", "lap": "LAP", "ts": "MAP+TS"}
+    return labels.get(method, method)
 
 
 def _assign_rows(runs: list[Run]) -> list[Run]:
@@ -478,7 +522,7 @@ def _table(
     if paper is not None:
         columns, rows, paper_rows = _merge_paper(paper, columns, rows)
     n_used = {row: _row_n([r for r in mine if r.row == row], n_samples) for row in rows}
-    shown = [m for m in metrics if not (m == "auroc" and kind == "id")]
+    shown = [m for m in metrics if not (m in OOD_ONLY and kind == "id")]
     values: dict[tuple[str, str, Column], list[float]] = {}
     notes: list[str] = []
     absent = [row for row in rows if not any(r.row == row for r in mine)]
@@ -500,17 +544,30 @@ def _table(
             elif not done:
                 notes.append(f"{row} x {col.label}: no finished runs ({_status_counts(col_runs)})")
             for metric in shown if done else []:
-                if metric == "auroc" and col.split == "test":
+                if metric in OOD_ONLY and col.split == "test":
                     continue
                 key = f"{col.split}/{col.name}/{metric}_n{n_used[row]}"
                 vals = [r.metrics[key] for r in done if math.isfinite(r.metrics.get(key, math.nan))]
                 if vals:
                     values[(metric, row, col)] = vals
-                if len(vals) < len(done):
+                if len(vals) < len(done) and not (metric in SAMPLED_ONLY and not vals):
                     notes.append(
                         f"{row} x {col.label}: {key} missing or not finite in "
                         f"{len(done) - len(vals)} of {len(done)} finished runs"
                     )
+    sampled_only = [METRICS[m].label for m in shown if m in SAMPLED_ONLY]
+    unsampled = [
+        row
+        for row in rows
+        if any(r.row == row for r in mine)
+        and not any(k[0] in SAMPLED_ONLY and k[1] == row for k in values)
+    ]
+    if sampled_only and unsampled:
+        notes.append(
+            f"{'/'.join(sampled_only)}: only for methods whose predictive averages several draws "
+            "(BLoB, Me-LoRA, MCD at N >= 2, e.g. --n-samples 10; ENS, its members, at every N); "
+            f"none for {', '.join(unsampled)}"
+        )
     counts = collections.Counter(len(v) for v in values.values())
     usual = counts.most_common(1)[0][0] if counts else 0
     single_ens = [  # ENS seed 1 alone: its own note instead of "1 seeds"
@@ -680,7 +737,9 @@ def table_cells(table: Table) -> list[tuple[str, str, bool, list[tuple[str, str]
     return out
 
 
-def _ranks(values: list[float | None], higher: bool) -> list[str]:
+def _ranks(values: list[float | None], higher: bool | None) -> list[str]:
+    if higher is None:  # a metric without a better direction is not ranked
+        return [""] * len(values)
     distinct = sorted({v for v in values if v is not None}, reverse=higher)
     best = distinct[0] if distinct else None
     second = distinct[1] if len(distinct) > 1 else None
@@ -697,7 +756,7 @@ def render_markdown(table: Table) -> str:
     last = None
     for metric, row, _, cells in table_cells(table):
         spec = METRICS[metric]
-        name = f"{spec.label} {spec.arrow}" if metric != last else ""
+        name = f"{spec.label} {spec.arrow}".strip() if metric != last else ""
         last = metric
         texts = [{"best": f"**{t}**", "second": f"<ins>{t}</ins>"}.get(m, t) for t, m in cells]
         lines.append("| " + " | ".join([name, row, *texts]) + " |")
@@ -724,8 +783,8 @@ def render_latex(table: Table) -> str:
         spec = METRICS[metric]
         if metric != last:
             lines.append("\\midrule")
-        arrow = "\\uparrow" if spec.higher_is_better else "\\downarrow"
-        name = f"{spec.label} ${arrow}$" if metric != last else ""
+        arrow = {True: " $\\uparrow$", False: " $\\downarrow$", None: ""}[spec.higher_is_better]
+        name = f"{spec.label}{arrow}" if metric != last else ""
         last = metric
         label = f"\\textit{{{_tex(row)}}}" if is_paper else _tex(row)
         lines.append(" & ".join([name, label, *[_tex_cell(t, m) for t, m in cells]]) + " \\\\")

@@ -42,6 +42,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from melora.errors import MeLoraError
 from orchestrator import tracking
 from orchestrator.config import RunConfig
+from orchestrator.redaction import redact
 from orchestrator.sweep_config import (
     ENS_MEMBER,
     ENSEMBLE,
@@ -542,17 +543,17 @@ def _log_plan(plan: SweepPlan, parent_run_id: str) -> None:
             "sweep.metric": s.metric,
             "sweep.mode": plan.mode,
             "sweep.num_trials": plan.num_trials,
-            "sweep.grid": json.dumps(s.grid, sort_keys=True, default=str),
-            "sweep.fixed": json.dumps(s.fixed, sort_keys=True, default=str),
-            "sweep.space": json.dumps(s.space, sort_keys=True, default=str),
+            "sweep.grid": json.dumps(redact(s.grid), sort_keys=True, default=str),
+            "sweep.fixed": json.dumps(redact(s.fixed), sort_keys=True, default=str),
+            "sweep.space": json.dumps(redact(s.space), sort_keys=True, default=str),
         },
     )
-    tracking.log_text(uri, parent_run_id, plan.base.to_yaml(), "sweep/base.yaml")
-    section = yaml.safe_dump(dataclasses.asdict(s), sort_keys=False)
+    tracking.log_text(uri, parent_run_id, plan.base.to_yaml(), "sweep/base.yaml")  # redacted
+    section = yaml.safe_dump(redact(dataclasses.asdict(s)), sort_keys=False)
     tracking.log_text(uri, parent_run_id, section, "sweep/sweep.yaml")
     trials = [{"name": t.name, "values": t.values, "tags": t.tags} for t in plan.trials]
     tracking.log_text(
-        uri, parent_run_id, json.dumps(trials, indent=1, default=str), "sweep/trials.json"
+        uri, parent_run_id, json.dumps(redact(trials), indent=1, default=str), "sweep/trials.json"
     )
 
 

@@ -24,6 +24,7 @@ The section (every key optional; `SweepConfig` documents each field):
       mode: min                  # default: max for acc and auroc, else min
       max_concurrent_trials: auto   # auto: as many whole trials as the cluster holds
       driver_cpus: 1             # CPUs of each trial's driver
+      max_trials: 10000          # refuse a bigger sweep (a typo in a grid can mean a million)
 
 Rules: a grid key is a config field ('adapter.r', 'seed'; list fields such as task.ood_tasks take
 a list of lists) or, when its value is a mapping, a named axis (any other name: 'method',
@@ -56,7 +57,7 @@ from typing import Any
 
 from melora.errors import ConfigError, MeLoraError
 from orchestrator import tracking
-from orchestrator.config import SECTIONS, RunConfig
+from orchestrator.config import MAX_SEED, SECTIONS, RunConfig, parse_overrides, short_repr
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
@@ -157,6 +158,13 @@ class SweepConfig:
         default=1.0,
         metadata={"help": "CPUs reserved for each trial's driver (the process that runs fit_run)."},
     )
+    max_trials: int = field(
+        default=10_000,
+        metadata={
+            "help": "A sweep of more trials is refused before any is built (a typo in a grid can "
+            "mean a million; planning costs about 2 ms a trial); raise it to run a bigger one."
+        },
+    )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SweepConfig:
@@ -166,9 +174,11 @@ class SweepConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in raw:
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
+                close = difflib.get_close_matches(str(key)[:100], names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown key 'sweep.{key}'{hint}; allowed keys: {names}")
+                raise ConfigError(
+                    f"unknown key {short_repr(f'sweep.{key}')}{hint}; allowed keys: {names}"
+                )
         cfg = cls(**{k: v for k, v in raw.items() if v is not None or k in ("name", "mode")})
         cfg._validate()
         return cfg
@@ -178,19 +188,25 @@ class SweepConfig:
             isinstance(self.name, str) and _SWEEP_NAME.fullmatch(self.name)
         ):
             raise ConfigError(
-                f"sweep.name={self.name!r} is not allowed: use 1-60 letters, digits, '.', '_' or '-', starting with a letter or digit"
+                f"sweep.name={short_repr(self.name)} is not allowed: use 1-60 letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         for key in ("fixed", "grid", "space", "asha"):
             if not isinstance(getattr(self, key), Mapping):
-                raise ConfigError(f"sweep.{key}={getattr(self, key)!r} must be a mapping")
+                raise ConfigError(f"sweep.{key}={short_repr(getattr(self, key))} must be a mapping")
         self.fixed = _flatten(self.fixed)
         for key in self.fixed:
             _field_type(f"sweep.fixed.{key}", key)
         self.space = _flatten(self.space, leaf=_is_distribution)
         _check_choice("sweep.search", self.search, SEARCHES)
         _check_choice("sweep.scheduler", self.scheduler, SCHEDULERS)
+        _check_int("sweep.max_trials", self.max_trials, 1)
         _check_int("sweep.num_samples", self.num_samples, 1)
-        _check_int("sweep.search_seed", self.search_seed, 0)
+        _check_int("sweep.search_seed", self.search_seed, 0, MAX_SEED)
+        if self.search != "grid" and self.num_samples > self.max_trials:
+            raise ConfigError(
+                f"sweep.num_samples={self.num_samples} is more than sweep.max_trials={self.max_trials}: "
+                f"lower num_samples, or raise sweep.max_trials (--set sweep.max_trials={self.num_samples})"
+            )
         if self.search == "grid" and self.space:
             raise ConfigError(
                 "sweep.space is set but sweep.search='grid': set search to 'random' or 'optuna', or remove space"
@@ -217,7 +233,7 @@ class SweepConfig:
         unknown = sorted(set(self.asha) - {"grace_period", "reduction_factor"})
         if unknown:
             raise ConfigError(
-                f"sweep.asha has unknown keys {unknown}: allowed are grace_period, reduction_factor"
+                f"sweep.asha has unknown keys {short_repr(unknown)}: allowed are grace_period, reduction_factor"
             )
         _check_int("sweep.asha.grace_period", self.asha.get("grace_period", 100), 1)
         _check_int("sweep.asha.reduction_factor", self.asha.get("reduction_factor", 2), 2)
@@ -225,7 +241,7 @@ class SweepConfig:
             self.metric in VAL_METRICS or FINAL_METRIC.fullmatch(self.metric)
         ):
             raise ConfigError(
-                f"sweep.metric={self.metric!r} is not a metric a trial reports: use one of {list(VAL_METRICS)} "
+                f"sweep.metric={short_repr(self.metric)} is not a metric a trial reports: use one of {list(VAL_METRICS)} "
                 "or a final metric such as 'test/openbookqa/acc_n0'"
             )
         if self.scheduler == "asha" and not self.metric.startswith("val/"):
@@ -243,7 +259,7 @@ class SweepConfig:
             or not 0 < self.driver_cpus < math.inf
         ):
             raise ConfigError(
-                f"sweep.driver_cpus={self.driver_cpus!r} must be a number > 0 (Ray refuses a trial driver with 0 CPUs)"
+                f"sweep.driver_cpus={short_repr(self.driver_cpus)} must be a number > 0 (Ray refuses a trial driver with 0 CPUs)"
             )
 
     @property
@@ -284,9 +300,16 @@ class Trial:
         return self.role != ENSEMBLE
 
 
-def grid_axes(grid: Mapping[str, Any]) -> list[tuple[str, list[Choice]]]:
-    """The grid's axes in order, each as its list of choices (validated, with errors naming the field)."""
+def grid_axes(
+    grid: Mapping[str, Any], max_trials: int | None = None
+) -> list[tuple[str, list[Choice]]]:
+    """The grid's axes in order, each as its list of choices (validated, with errors naming the field).
+
+    With `max_trials`, a grid of more points is refused before its axes are crossed (an axis's
+    sub-grids too): planning a refused sweep costs the size of its YAML, not of its product.
+    """
     axes = []
+    total = 1
     for axis, spec in _flatten(grid, leaf=lambda k, v: k not in SECTIONS).items():
         where = f"sweep.grid.{axis}"
         if isinstance(spec, Mapping):
@@ -304,13 +327,14 @@ def grid_axes(grid: Mapping[str, Any]) -> list[tuple[str, list[Choice]]]:
             for name, values in spec.items():
                 if not isinstance(name, str) or not _SWEEP_NAME.fullmatch(name):
                     raise ConfigError(
-                        f"{where}: the name {name!r} is not allowed: use letters, digits, '.', '_' or '-'"
+                        f"{where}: the name {short_repr(name)} is not allowed: use letters, digits, '.', '_' or '-'"
                     )
                 if not isinstance(values, Mapping):
                     raise ConfigError(
-                        f"{where}.{name}={values!r} must be a mapping of dotted keys to values, e.g. {{adapter.method: lora}}"
+                        f"{where}.{name}={short_repr(values)} must be a mapping of dotted keys to values, e.g. {{adapter.method: lora}}"
                     )
-                for label, vals, seed_part in _subgrid(f"{where}.{name}", _flatten(values)):
+                subgrid = _subgrid(f"{where}.{name}", _flatten(values), max_trials)
+                for label, vals, seed_part in subgrid:
                     choices.append(Choice((name, *label), vals, {f"sweep.{axis}": name}, seed_part))
         else:
             _field_type(where, axis)
@@ -319,8 +343,19 @@ def grid_axes(grid: Mapping[str, Any]) -> list[tuple[str, list[Choice]]]:
                 for v, word in ((v, value_word(axis, v)) for v in _values(where, axis, spec))
             ]
         axes.append((axis, choices))
+        total *= len(choices)
+        if max_trials is not None and total > max_trials:
+            _too_many(total, [len(c) for _, c in axes], max_trials)
     _check_disjoint(axes)
     return axes
+
+
+def _too_many(n: int, sizes: list[int], max_trials: int, more: bool = True) -> None:
+    shape = " x ".join(str(s) for s in sizes) + (" x ..." if more else "")
+    raise ConfigError(
+        f"sweep: {n} trials ({shape}) is more than sweep.max_trials={max_trials}: "
+        f"check the grid for a typo, or raise sweep.max_trials (--set sweep.max_trials={n})"
+    )
 
 
 def draw_space(space: Mapping[str, Mapping[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
@@ -427,17 +462,23 @@ def plan_sweep(
     section: Mapping[str, Any],
     name: str | None = None,
     source: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
 ) -> SweepPlan:
     """Validate the section and build every trial's config; raises ConfigError naming the field or trial.
 
     `name` (the --name flag) wins over `sweep.name`, which wins over the file name in `source`.
+    `overrides` are the `--set` arguments already applied to `base`: one that the sweep's own
+    fixed, grid or space values would silently replace is refused, naming both.
     Nothing is started or written.
     """
     cfg = SweepConfig.from_dict(section)
-    name = name or cfg.name or (_stem(source) if source else None)
+    flag = name is not None
+    name = name if flag else cfg.name or (_stem(source) if source else None)
     if not name or not _SWEEP_NAME.fullmatch(name):
+        given = "--name" if flag else "sweep.name" if cfg.name else "the file name"
         raise ConfigError(
-            f"sweep name {name!r} is not allowed: use 1-60 letters, digits, '.', '_' or '-' (--name or sweep.name)"
+            f"sweep name {short_repr(name)} ({given}) is not allowed: use 1-60 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit (--name or sweep.name)"
         )
     storage = base.tracking.resolved_storage_path()
     if "://" in storage:
@@ -457,10 +498,22 @@ def plan_sweep(
     except ConfigError as err:
         raise ConfigError(f"sweep.fixed: {err}") from None
     trials = _expand(name, base, cfg)
+    if len(trials) > cfg.max_trials:  # ENS members added to the grid's trials
+        _too_many(len(trials), [len(trials)], cfg.max_trials, more=False)
     _check_trials(cfg, trials or [Trial(name, {}, {}, "", base)])
+    _check_overrides(cfg, trials, overrides)
     if cfg.search == "optuna":
         _check_space_corners(name, base, cfg.space)
-    return SweepPlan(name, cfg, base, trials, uri, storage, source)
+    plan = SweepPlan(name, cfg, base, trials, uri, storage, source)
+    if cfg.scheduler == "asha":
+        args = plan.asha_args()
+        if args["grace_period"] > args["max_t"]:
+            raise ConfigError(
+                f"sweep.asha.grace_period={args['grace_period']} is more than the longest trial's "
+                f"optim.max_steps={args['max_t']}: ASHA could never stop a trial. Set "
+                "sweep.asha.grace_period to at most that (a few validations in), or train longer"
+            )
+    return plan
 
 
 def describe(plan: SweepPlan) -> str:
@@ -514,7 +567,10 @@ def _role_note(t: Trial) -> str:
 def _expand(name: str, base: RunConfig, cfg: SweepConfig) -> list[Trial]:
     if cfg.search == "optuna":
         return []
-    axes = grid_axes(cfg.grid)
+    axes = grid_axes(cfg.grid, cfg.max_trials)
+    sizes = [len(c) for _, c in axes] + ([cfg.num_samples] if cfg.search == "random" else [])
+    if math.prod(sizes) > cfg.max_trials:  # counted before anything is drawn or crossed
+        _too_many(math.prod(sizes), sizes, cfg.max_trials, more=False)
     combos: list[tuple[Choice, ...]] = list(itertools.product(*(c for _, c in axes)))
     draws: list[dict[str, Any] | None] = [None]
     if cfg.search == "random":
@@ -555,7 +611,7 @@ def _expand(name: str, base: RunConfig, cfg: SweepConfig) -> list[Trial]:
                     }
                 )
             except ConfigError as err:
-                shown = ", ".join(f"{k}={format_value(v)}" for k, v in values.items())
+                shown = ", ".join(f"{k}={_short_value(v)}" for k, v in values.items())
                 raise ConfigError(f"sweep trial {run_name} ({shown}): {err}") from None
             trials.append(Trial(run_name, values, tags, "-".join(row_words), run))
     return _plan_ensembles(name, trials)
@@ -597,6 +653,14 @@ def _plan_ensembles(name: str, trials: list[Trial]) -> list[Trial]:
     return trials + added
 
 
+def _short_value(v: Any, limit: int = 100) -> str:
+    """`format_value` for a message, cut to about `limit` characters (never built whole)."""
+    if isinstance(v, (list, dict)):
+        return short_repr(v, limit)
+    text = format_value(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _config_key(run: RunConfig) -> str:
     """What makes two runs the same training run: the config less its name and tags."""
     d = run.to_dict()
@@ -605,8 +669,46 @@ def _config_key(run: RunConfig) -> str:
     return json.dumps(d, sort_keys=True, default=str)
 
 
+def _check_overrides(cfg: SweepConfig, trials: list[Trial], overrides: Any) -> None:
+    """Refuse a `--set` of a base field that the sweep's fixed, grid or space values replace."""
+    owners = {key: f"sweep.fixed.{key}={_short_value(v)}" for key, v in cfg.fixed.items()}
+    owners.update({key: f"sweep.space.{key}" for key in cfg.space})
+    for axis, spec in _flatten(cfg.grid, leaf=lambda k, v: k not in SECTIONS).items():
+        sets = [axis]
+        if isinstance(spec, Mapping):
+            sets = [k for values in spec.values() for k in _flatten(values)]
+        owners.update({key: f"sweep.grid.{axis}" for key in sets if key not in owners})
+    swept = {k for t in trials for k in t.values}
+    for key, value in parse_overrides(list(overrides)):
+        if key.split(".")[0] == "sweep":
+            continue
+        items = [(key, value)]
+        if key in SECTIONS and isinstance(value, Mapping):  # --set optim={max_steps: 5}
+            items = [(f"{key}.{k}", v) for k, v in value.items()]
+        for dotted, v in items:
+            owner = owners.get(dotted)
+            if owner is None and dotted in swept:
+                owner = "the sweep"
+            if owner is not None:
+                raise ConfigError(
+                    f"--set {dotted}={_short_value(v)} would have no effect: {owner} sets "
+                    f"{dotted} for the trials, over the base value. Change the value there "
+                    "(a --set of that sweep field works too), or drop this --set"
+                )
+
+
 def _check_trials(cfg: SweepConfig, trials: list[Trial]) -> None:
-    """Checks across the whole trial: a validation split for val/ metrics, distinct configs."""
+    """Checks across the whole trial: a validation split for val/ metrics, distinct configs,
+    and a validation (checkpoint) before the last step."""
+    for t in trials:
+        run = t.run
+        if run.eval.eval_every > run.optim.max_steps:
+            raise ConfigError(
+                f"sweep trial {t.name}: eval.eval_every={run.eval.eval_every} is more than "
+                f"optim.max_steps={run.optim.max_steps}: the trial would validate and checkpoint "
+                "only at its last step, so a restart begins at step 0 and ASHA has nothing to "
+                "compare. Lower eval.eval_every (sweep.fixed.eval.eval_every for every trial)"
+            )
     if cfg.metric.startswith("val/"):
         for t in trials:
             if t.run.task.split_policy == "blob":
@@ -673,7 +775,9 @@ def _is_list_field(key: str) -> bool:
 def _values(where: str, key: str, spec: Any) -> list[Any]:
     """The choices of a field axis: a non-empty list of distinct values (lists of lists for list fields)."""
     if not isinstance(spec, list) or not spec:
-        raise ConfigError(f"{where}={spec!r} must be a non-empty list of values for {key}")
+        raise ConfigError(
+            f"{where}={short_repr(spec)} must be a non-empty list of values for {key}"
+        )
     if _is_list_field(key) and not all(isinstance(v, list) for v in spec):
         raise ConfigError(
             f"{where}: {key} holds a list, so its choices are a list of lists, e.g. [[arc_easy], [arc_easy, arc_challenge]]"
@@ -682,13 +786,13 @@ def _values(where: str, key: str, spec: Any) -> list[Any]:
     for v in spec:
         text = json.dumps(v, sort_keys=True, default=str)
         if text in seen:
-            raise ConfigError(f"{where} lists {v!r} twice")
+            raise ConfigError(f"{where} lists {short_repr(v)} twice")
         seen.add(text)
     return list(spec)
 
 
 def _subgrid(
-    where: str, values: Mapping[str, Any]
+    where: str, values: Mapping[str, Any], max_trials: int | None = None
 ) -> list[tuple[tuple[str, ...], dict[str, Any], str | None]]:
     """A named set's values: a list for a scalar field (a list of lists for a list field) is a sub-grid."""
     fixed, axes = {}, []
@@ -701,6 +805,12 @@ def _subgrid(
             axes.append((key, _values(f"{where}.{key}", key, v)))
         else:
             fixed[key] = v
+    n = math.prod(len(vals) for _, vals in axes)
+    if max_trials is not None and n > max_trials:
+        raise ConfigError(
+            f"{where}: its sub-grid has {n} combinations, more than sweep.max_trials={max_trials}: "
+            f"check it for a typo, or raise sweep.max_trials (--set sweep.max_trials={n})"
+        )
     out = []
     for combo in itertools.product(*(vals for _, vals in axes)):
         chosen = dict(zip([k for k, _ in axes], combo, strict=True))
@@ -747,7 +857,7 @@ def _check_distribution(where: str, key: str, dist: Any) -> None:
     _field_type(where, key)
     if not _is_distribution(key, dist):
         raise ConfigError(
-            f"{where}={dist!r} must be one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}, {{choice: [values]}}"
+            f"{where}={short_repr(dist)} must be one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, {{randint: [lo, hi]}}, {{choice: [values]}}"
         )
     ((kind, arg),) = dist.items()
     if kind == "choice":
@@ -757,6 +867,7 @@ def _check_distribution(where: str, key: str, dist: Any) -> None:
         isinstance(arg, list)
         and len(arg) == 2
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in arg)
+        and all(-1e300 < x < 1e300 for x in arg)  # finite, not nan (a comparison with nan is false)
     )
     if kind == "randint":
         ok = ok and all(isinstance(x, int) for x in arg) and arg[0] <= arg[1]
@@ -768,17 +879,21 @@ def _check_distribution(where: str, key: str, dist: Any) -> None:
             "loguniform": "[lo, hi] with 0 < lo < hi",
             "randint": "[lo, hi], integers with lo <= hi",
         }[kind]
-        raise ConfigError(f"{where}: {kind}={arg!r} must be {need}")
+        raise ConfigError(f"{where}: {kind}={short_repr(arg)} must be {need}")
 
 
 def _check_choice(where: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{where}={value!r} is not allowed: choose one of {list(allowed)}")
+        raise ConfigError(
+            f"{where}={short_repr(value)} is not allowed: choose one of {list(allowed)}"
+        )
 
 
-def _check_int(where: str, value: Any, minimum: int) -> None:
+def _check_int(where: str, value: Any, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}={value!r} must be an integer >= {minimum}")
+        raise ConfigError(f"{where}={short_repr(value)} must be an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where}={short_repr(value)} is out of range: allowed is <= {maximum}")
 
 
 def value_word(key: str, value: Any) -> str:

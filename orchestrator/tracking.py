@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 
 from melora.errors import MeLoraError
 from orchestrator.config import TrackingConfig
+from orchestrator.redaction import is_secret_key, redact_text, redact_uri
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value (characters)
 MAX_TAG_LENGTH = 8000  # MLflow's limit on a tag value
@@ -45,22 +46,6 @@ METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 TRUNCATED = "...[truncated]"
 _NAME = re.compile(r"[\w./\- ]+")  # MLflow's allowed characters, minus ':' (refused on Windows)
-_SECRET_WORDS = frozenset(
-    {
-        "password",
-        "passwd",
-        "pwd",
-        "passphrase",
-        "secret",
-        "secrets",
-        "token",
-        "credential",
-        "credentials",
-        "apikey",
-        "authorization",
-    }
-)
-_KEY_QUALIFIERS = frozenset({"api", "access", "private", "secret", "ssh", "signing", "encryption"})
 
 
 class TrackingError(MeLoraError, RuntimeError):
@@ -120,14 +105,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             )
 
 
-def redact_uri(uri: str) -> str:
-    """The URI with any user:password@ part replaced by ***@, for messages."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
-
-
 # ----- experiments and runs ---------------------------------------------------------------------
 def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
     """The id of the experiment `name`, created when missing.
@@ -185,7 +162,7 @@ def start_or_resume_run(
             client.update_run(run_id, status="RUNNING")
         return run_id
     clean = {
-        k: _truncate(str(v), MAX_TAG_LENGTH)
+        k: _truncate(redact_text(str(v)), MAX_TAG_LENGTH)
         for k, v in (tags or {}).items()
         if not is_secret_key(k)
     }
@@ -204,7 +181,7 @@ def set_terminated(
         )
     client = _client(uri)
     if reason is not None:
-        client.set_tag(run_id, "failure_reason", _truncate(reason, MAX_TAG_LENGTH))
+        client.set_tag(run_id, "failure_reason", _truncate(redact_text(reason), MAX_TAG_LENGTH))
     client.set_terminated(run_id, status=status)
 
 
@@ -212,12 +189,13 @@ def set_terminated(
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> list[str]:
     """Log params in batches of 100; returns the keys dropped because they look like secrets.
 
-    Values become text, cut to MLflow's 6000 characters (ending in '...[truncated]').
+    Values become text (URI credentials redacted), cut to MLflow's 6000 characters (ending in
+    '...[truncated]').
     Re-logging an equal value (a resumed run) is fine; MLflow refuses a changed one.
     """
     dropped = [k for k in params if is_secret_key(k)]
     items = [
-        Param(_check_name(k), _truncate(str(v), MAX_PARAM_LENGTH))
+        Param(_check_name(k), _truncate(redact_text(str(v)), MAX_PARAM_LENGTH))
         for k, v in params.items()
         if k not in dropped
     ]
@@ -260,7 +238,8 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     client = _client(uri)
     for key, value in tags.items():
         if not is_secret_key(key):
-            client.set_tag(run_id, _check_name(key), _truncate(str(value), MAX_TAG_LENGTH))
+            value = redact_text(str(value))
+            client.set_tag(run_id, _check_name(key), _truncate(value, MAX_TAG_LENGTH))
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -340,8 +319,9 @@ def download_artifact(uri: str, run_id: str, path: str, dst_dir: str | os.PathLi
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    """Write `text` as the artifact `artifact_file` (for example 'config/resolved.yaml')."""
-    _client(uri).log_text(run_id, text, artifact_file)
+    """Write `text` as the artifact `artifact_file` (for example 'config/resolved.yaml'), with
+    the credentials of any URI in it redacted."""
+    _client(uri).log_text(run_id, redact_text(text), artifact_file)
 
 
 def eval_metric_key(split: str, task: str, metric: str, n_samples: int) -> str:
@@ -352,20 +332,6 @@ def eval_metric_key(split: str, task: str, metric: str, n_samples: int) -> str:
 
 
 # ----- helpers ----------------------------------------------------------------------------------
-def is_secret_key(key: str) -> bool:
-    """True for keys that look like they hold a secret: hf_token, db.password, api_key, apiKey.
-
-    Words are the key's lowercase parts split at non-alphanumerics and camelCase; a key is a secret
-    if a word is one of password, passwd, pwd, passphrase, secret(s), token, credential(s), apikey,
-    authorization, or if 'key' follows api, access, private, secret, ssh, signing or encryption.
-    So 'kl_weighting', 'max_tokens', 'tokenizer' and 'monkey' pass; 'pad_token' is dropped (safe side).
-    """
-    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower())
-    if any(w in _SECRET_WORDS for w in words):
-        return True
-    return any(a in _KEY_QUALIFIERS and b == "key" for a, b in zip(words, words[1:], strict=False))
-
-
 def git_sha(repo_dir: str | os.PathLike | None = None) -> str:
     """The commit of the repository (this project's by default), '+dirty' if tracked files changed; 'unknown' without git."""
     repo = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parents[1]

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from melora.errors import MeLoraError
+from melora.errors import ConfigError, MeLoraError
 from orchestrator import tracking
 from orchestrator.config import RunConfig
 from orchestrator.worker import train_loop_per_worker
 
 RUN_MARKER = "melora_run.json"
+_started_local_ray = False  # set by init_ray: the Ray cluster is this machine alone
 
 
 class RunFailedError(MeLoraError, RuntimeError):
@@ -136,6 +137,7 @@ def fit_run(
     fault-tolerance test's switch, not a user option. `callbacks`: Ray Train callbacks, e.g. the
     sweep's forwarding of validation reports to Ray Tune.
     """
+    check_gpu_resources(run)
     uri, run_id = prepare_tracking(run, parent_run_id, sweep)
     try:
         result = build_trainer(run, uri, run_id, fault, callbacks).fit()
@@ -151,6 +153,27 @@ def fit_run(
         )
     tracking.set_terminated(uri, run_id, "FINISHED")
     return RunResult(mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, path=str(result.path))
+
+
+def check_gpu_resources(run: RunConfig) -> None:
+    """Refuse `scaling.use_gpu` before any worker starts when the driver can know it cannot run:
+    on the local Ray that `init_ray` started here, whose GPUs are this machine's (Ray Train would
+    otherwise wait for GPU workers forever). On a cluster more GPU nodes may come (autoscaling),
+    so there each worker checks its own CUDA instead (`worker.worker_device`)."""
+    if not run.scaling.use_gpu or not _started_local_ray:
+        return
+    import ray
+
+    s = run.scaling
+    have = ray.cluster_resources().get("GPU", 0.0)
+    need = s.num_workers * (s.gpus_per_worker or 1.0)
+    if have < need:
+        raise ConfigError(
+            f"scaling.use_gpu=true needs {need:g} GPUs ({s.num_workers} workers x "
+            f"{s.gpus_per_worker or 1:g}), and the local Ray started here has {have:g}: set "
+            "scaling.use_gpu: false to train on CPUs, lower scaling.num_workers, or submit to a "
+            "GPU cluster (RAY_ADDRESS, ray job submit)"
+        )
 
 
 def recorded_run_id(run: RunConfig) -> str | None:
@@ -177,9 +200,24 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
     )  # faster reports on small runs
     address = address or os.environ.get("RAY_ADDRESS")
+    global _started_local_ray
     if address:
         ray.init(address=address)
     else:
+        _started_local_ray = True
+        # Ray 2.60 turns token authentication on for a local Ray and, finding no token, writes a
+        # new one into the home folder: say so rather than doing it silently.
+        home_token = Path.home() / ".ray" / "auth_token"
+        if (
+            os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+            and not os.environ.get("RAY_AUTH_TOKEN")
+            and not Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or home_token).is_file()
+        ):
+            print(
+                f"[ray] no Ray authentication token found: Ray writes a new one to {home_token} "
+                "(set RAY_AUTH_TOKEN_PATH to a token file, or RAY_AUTH_TOKEN, to keep it elsewhere)",
+                flush=True,
+            )
         # the dashboard (on 127.0.0.1) serves the state API that frees stopped trials' workers
         ray.init(
             num_cpus=num_cpus,

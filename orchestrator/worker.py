@@ -14,6 +14,7 @@ The posterior noise and dropout draw from torch's global RNG, reseeded at every 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,10 +34,16 @@ from torch.utils.data import DistributedSampler
 
 import melora
 from melora import metrics as M
-from melora.evaluation import class_logits, predict
+from melora.errors import ConfigError
+from melora.evaluation import (
+    Predictive,
+    class_logits,
+    predict_with_entropy,
+    uncertainty_metrics_of,
+)
 from melora.objective import draw_prior_eps, kl_weight
 from melora.tasks import demo_model_config, demo_tokenizer, load_task, make_loader
-from orchestrator import tracking
+from orchestrator import collectives, tracking
 from orchestrator.config import RunConfig
 from orchestrator.deepspeed_config import deepspeed_config
 
@@ -64,19 +71,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "adapter.method='ens' is not one training run: train its LoRA members and evaluate "
             "them together with orchestrator.ensemble.fit_ensemble (the sweep does this)"
         )
-    on_gpu = run.scaling.use_gpu and torch.cuda.is_available()
-    if not on_gpu:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_device(run, ctx.get_local_rank())  # refuses use_gpu without CUDA
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(device)
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks its accelerator
     import datasets
     import deepspeed
-    import ray.train
 
     datasets.disable_progress_bars()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device("cuda", ctx.get_local_rank()) if on_gpu else torch.device("cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
     logger = RankZeroLogger(rank, config.get("tracking_uri"), config.get("mlflow_run_id"))
 
     # --- setup
@@ -99,7 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state, best_adapter = restore(engine, Path(ckpt_dir), rank)
         logger.print(f"resumed at step {state.step} from {checkpoint.path}")
-    objective = Objective(engine, run, len(data.train_loader), rank)
+    objective = Objective(engine, run, batches_per_epoch=len(data.train_loader), rank=rank)
 
     # --- train
     progress = Progress(run.optim.max_steps, state.step, logger)
@@ -156,7 +164,7 @@ class Objective:
 
     Per step: the NLL of the answer token (mean over the batch) and, for BLoB and Me-LoRA, the KL
     with prior std sigma_p + eps (eps drawn once per step, the same on every rank) weighted by pi
-    (Blundell or uniform over the epoch's M batches).
+    (Blundell or uniform over the M optimiser steps of the epoch: `melora.objective.kl_weight`).
     - kl_optimizer "joint": AdamW (through DeepSpeed) on NLL + pi * KL, the KL collected inside
       the layers' forward (works under every ZeRO stage).
     - kl_optimizer "sgd": AdamW on the NLL, then a plain SGD step (lr kl_lr x the same schedule)
@@ -168,11 +176,21 @@ class Objective:
     batch-mean NLLs plus pi * grad KL (the KL is the same on every rank).
     """
 
-    def __init__(self, engine, run: RunConfig, steps_per_epoch: int, rank: int) -> None:
-        self.engine, self.run, self.steps_per_epoch, self.rank = engine, run, steps_per_epoch, rank
+    def __init__(self, engine, run: RunConfig, batches_per_epoch: int, rank: int) -> None:
+        """`batches_per_epoch`: micro-batches per epoch on each rank (an optimiser step takes
+        `optim.grad_accum` of them)."""
+        self.engine, self.run, self.rank = engine, run, rank
+        self.batches_per_epoch = batches_per_epoch
         self.bayesian = run.adapter.is_bayesian
         self.two_step_kl = self.bayesian and run.optim.kl_optimizer == "sgd"
         self.schedule = lr_lambda(run)
+
+    def kl_weight(self, step: int) -> float:
+        """pi of optimiser step `step`: the weights of each epoch's optimiser steps sum to 1."""
+        if not self.bayesian:
+            return 0.0
+        optim = self.run.optim
+        return kl_weight(step, self.batches_per_epoch, optim.kl_weighting, optim.grad_accum)
 
     def step(self, step: int, batches) -> dict[str, float]:
         """One optimiser step (grad_accum micro-batches) at 0-based `step`; returns the train metrics."""
@@ -181,7 +199,7 @@ class Objective:
         # be reseeded, so that a resumed run repeats the draws of an uninterrupted one.
         micro_batches = [next(batches) for _ in range(run.optim.grad_accum)]
         reseed(run.seed, step, self.rank)
-        pi = kl_weight(step, self.steps_per_epoch, run.optim.kl_weighting) if self.bayesian else 0.0
+        pi = self.kl_weight(step)
         eps = draw_prior_eps(run.adapter.prior_noise, step_generator(run.seed, step))
         joint_kl = self.bayesian and not self.two_step_kl
         engine.train()
@@ -233,6 +251,25 @@ class Objective:
 
 
 # ----- model and data -------------------------------------------------------------------------------
+def worker_device(run: RunConfig, local_rank: int) -> torch.device:
+    """This worker's device: GPU `local_rank` with `scaling.use_gpu`, else the CPU.
+
+    `use_gpu` where torch sees no usable CUDA is refused: falling back to the CPU would train a
+    13B model in fp32 on CPUs for days, without a word.
+    """
+    if not run.scaling.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "scaling.use_gpu=true, but this Ray Train worker sees no usable CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): install a CUDA "
+            "build of torch and a working driver on the GPU nodes, or set scaling.use_gpu: false "
+            "to train on CPUs"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def build_model(run: RunConfig, ds_config: dict[str, Any], on_gpu: bool) -> tuple[Any, nn.Module]:
     """(tokenizer, model): the demo's tiny random Llama, or `from_pretrained` (hub id or folder).
 
@@ -256,6 +293,7 @@ def build_model(run: RunConfig, ds_config: dict[str, Any], on_gpu: bool) -> tupl
         if run.scaling.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
+            init_deepspeed_comm()  # zero.Init inside from_pretrained reads the world size from it
             keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must live during from_pretrained
         model = AutoModelForCausalLM.from_pretrained(
             run.model.name_or_path, dtype=dtype, trust_remote_code=False
@@ -265,6 +303,22 @@ def build_model(run: RunConfig, ds_config: dict[str, Any], on_gpu: bool) -> tupl
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return tokenizer, model
+
+
+def init_deepspeed_comm() -> None:
+    """Give DeepSpeed's comm layer the process group Ray Train already made (gloo or NCCL).
+
+    `deepspeed.initialize` would do this itself, but a ZeRO-3 `from_pretrained` runs before it:
+    there `deepspeed.zero.Init` parses the DeepSpeed config while `deepspeed.comm` is still
+    uninitialised, takes world size 1 and fails the batch check (`train_batch_size ... !=
+    micro_batch * grad_acc * world_size`) on every rank. `dist_init_required=False`: DeepSpeed
+    wraps the existing group and never creates one. A no-op without a process group.
+    """
+    if not collectives.distributed():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_init_required=False)
 
 
 class TaskData:
@@ -324,21 +378,32 @@ class TaskData:
 def sharded_predict(
     module: nn.Module, data: TaskData, dataset, n_samples: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`melora.evaluation.predict` over all ranks: each predicts its shard; the shards are gathered."""
+    """`melora.evaluation.predict` over all ranks: (probs, labels) of `sharded_predictive`."""
+    result = sharded_predictive(module, data, dataset, n_samples)
+    return result.probs, result.labels
+
+
+def sharded_predictive(module: nn.Module, data: TaskData, dataset, n_samples: int) -> Predictive:
+    """`melora.evaluation.predict_with_entropy` over all ranks: each predicts its shard; the shards
+    (probabilities, labels and per-example expected entropies) are gathered in dataset order."""
     indices, loader = data.shard_loader(dataset)
-    probs, labels = predict(module, loader, n_samples)
+    local = predict_with_entropy(module, loader, n_samples)
+    mine = (indices, local.probs, local.labels, local.expected_entropy)
     if data.world > 1:
         gathered: list[Any] = [None] * data.world
-        dist.all_gather_object(gathered, (indices, probs, labels))
+        dist.all_gather_object(gathered, mine)
     else:
-        gathered = [(indices, probs, labels)]
-    by_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for idx, p, y in gathered:
-        for i, row_p, row_y in zip(idx, p, y, strict=True):
-            by_index.setdefault(i, (row_p, row_y))
-    order = sorted(by_index)
-    return torch.stack([by_index[i][0] for i in order]), torch.stack(
-        [by_index[i][1] for i in order]
+        gathered = [mine]
+    by_index: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for idx, p, y, h in gathered:
+        for i, row_p, row_y, row_h in zip(idx, p, y, h, strict=True):
+            by_index.setdefault(i, (row_p, row_y, row_h))  # the padding repeats examples
+    rows = [by_index[i] for i in sorted(by_index)]
+    return Predictive(
+        probs=torch.stack([r[0] for r in rows]),
+        labels=torch.stack([r[1] for r in rows]),
+        expected_entropy=torch.stack([r[2] for r in rows]),
+        draws=local.draws,
     )
 
 
@@ -357,35 +422,81 @@ def evaluate_final(
     """`test/<task>/<metric>_n<N>` and `ood/<task>/<metric>_n<N>` (with `auroc`) at every N,
     and the predictions `{"test/<task>/n<N>": (probs, labels), ...}` for the reliability diagrams.
 
+    Metrics: acc, nll, ece, brier, and the selective-prediction aurc and acc_cov80 at every N;
+    mi (mean mutual information) at N >= 2 and, on OOD sets, auroc (max probability) at every N
+    and auroc_mi (by MI) at N >= 2 (`melora.evaluation.uncertainty_metrics_of`).
     Only methods that sample at test (BLoB, Me-LoRA, MCD: `AdapterConfig.samples_at_test`) draw
-    at N >= 1; LoRA's rows at every N are its mean (dropout-free) prediction."""
+    at N >= 1; LoRA's rows at every N are its mean (dropout-free) prediction, without mi."""
     out: dict[str, float] = {}
     predictions: dict[str, Any] = {}
+    calibrate = temperature_scaling(engine.module, data, run, out)
     for n in run.eval.n_samples:
         drawn = n if run.adapter.samples_at_test else 0
         reseed(run.seed, 10**9 + drawn, data.rank)
-        id_probs, id_labels = sharded_predict(engine.module, data, data.test, drawn)
-        predictions[f"test/{run.task.name}/n{n}"] = (id_probs, id_labels)
-        for k, v in M.compute_all(id_probs, id_labels, run.eval.ece_bins).items():
+        test_key = f"test/{run.task.name}/n{n}"
+        id_pred = calibrate(sharded_predictive(engine.module, data, data.test, drawn))
+        predictions[test_key] = (id_pred.probs, id_pred.labels)
+        for k, v in M.compute_all(id_pred.probs, id_pred.labels, run.eval.ece_bins).items():
             out[f"test/{run.task.name}/{k}_n{n}"] = v
+        out.update(uncertainty_metrics_of({test_key: id_pred}))
         for name, dataset in data.ood.items():
-            probs, labels = sharded_predict(engine.module, data, dataset, drawn)
-            predictions[f"ood/{name}/n{n}"] = (probs, labels)
-            for k, v in M.compute_all(probs, labels, run.eval.ece_bins).items():
+            pred = calibrate(sharded_predictive(engine.module, data, dataset, drawn))
+            predictions[f"ood/{name}/n{n}"] = (pred.probs, pred.labels)
+            for k, v in M.compute_all(pred.probs, pred.labels, run.eval.ece_bins).items():
                 out[f"ood/{name}/{k}_n{n}"] = v
-            out[f"ood/{name}/auroc_n{n}"] = M.ood_auroc(id_probs, probs)
+            out[f"ood/{name}/auroc_n{n}"] = M.ood_auroc(id_pred.probs, pred.probs)
+            out.update(
+                uncertainty_metrics_of(
+                    {f"ood/{name}/n{n}": pred}, {test_key: id_pred}, run.task.name
+                )
+            )
     return out, predictions
+
+
+def temperature_scaling(module: nn.Module, data: TaskData, run: RunConfig, out: dict[str, float]):
+    """For adapter.method 'ts': one temperature T fitted on the validation split's mean
+    predictive (`melora.baselines.temperature`), logged as `temperature`; returns the map from a
+    `Predictive` to its temperature-scaled one (its expected entropy becomes the entropy of the
+    scaled probabilities: one deterministic draw). Other methods: the identity."""
+    if run.adapter.method != "ts":
+        return lambda pred: pred
+    from melora.baselines.temperature import apply_temperature, fit_temperature
+
+    val = sharded_predictive(module, data, data.validation, 0)
+    temperature = fit_temperature(val.probs, val.labels)
+    out["temperature"] = temperature
+
+    def scale(pred: Predictive) -> Predictive:
+        probs = apply_temperature(pred.probs, temperature)
+        entropy = torch.from_numpy(M.entropy(probs)).to(pred.expected_entropy.dtype)
+        return dataclasses.replace(pred, probs=probs, expected_entropy=entropy, draws=1)
+
+    return scale
 
 
 def write_final_artifacts(
     out: Path, module: nn.Module, predictions: dict[str, Any], run: RunConfig
 ) -> None:
-    """The run's artifacts: the (best) adapter, its PEFT export, reliability diagrams, the resolved YAML."""
-    from melora.plots import reliability_diagrams
+    """The run's artifacts: the (best) adapter, its PEFT export, reliability diagrams, the
+    accuracy-coverage curves of the ID test set (`selective/test_<task>.png`, one curve per N),
+    the resolved YAML."""
+    from melora.plots import accuracy_coverage_plot, reliability_diagrams
 
     melora.save_adapter(module, out / "adapter")
     melora.export_mean_lora(module, out / "peft_lora")
     reliability_diagrams(predictions, out / "reliability", n_bins=run.eval.ece_bins)
+    task = run.task.name
+    curves = {
+        f"N={n}": predictions[f"test/{task}/n{n}"]
+        for n in run.eval.n_samples
+        if f"test/{task}/n{n}" in predictions
+    }
+    if curves:
+        accuracy_coverage_plot(
+            curves,
+            out / "selective" / f"test_{task}.png",
+            title=f"test/{task}: selective prediction",
+        )
     (out / "config").mkdir()
     (out / "config" / "resolved.yaml").write_text(run.to_yaml())
 
@@ -421,15 +532,21 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def all_finite(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every rank (one all-reduce, so that all ranks stop together)."""
     bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0
+    return collectives.all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
 
 
 def is_better(run: RunConfig, val: dict[str, float], state: TrainState) -> bool:
-    """Whether `val` beats the best so far by `eval.select_metric` (without a validation split: the latest wins)."""
+    """Whether `val` beats the best so far by `eval.select_metric` (without a validation split: the latest wins).
+
+    A non-finite value (NaN, inf) never becomes the best, and any finite value beats a best that
+    is missing or non-finite (a checkpoint saved before this rule), so one bad validation cannot
+    freeze the selection."""
     value = val.get(run.eval.select_metric)
-    if value is None or state.best_value is None:
+    if value is None:
+        return True
+    if not math.isfinite(value):
+        return False
+    if state.best_value is None or not math.isfinite(state.best_value):
         return True
     return value > state.best_value if run.eval.select_mode == "max" else value < state.best_value
 

@@ -5,6 +5,8 @@
 - ENS (`method: ens`): `ensemble` averages the probabilities of LoRA members (seeds 1, 2, 3).
 - LAP (`method: lap`): `laplace` fits a KFAC Laplace approximation around a trained (MAP) LoRA
   adapter with laplace-torch and predicts with the linearised (GLM) predictive.
+- TS (`method: ts`): `temperature` fits one temperature for a trained (MAP) LoRA on the validation
+  split (Guo et al. 2017): the cheapest calibration, the bar a Bayesian method must clear.
 
 `laplace` imports laplace-torch only when used (it is installed by `requirements/laplace.txt`).
 """
@@ -21,14 +23,17 @@ from melora.baselines.laplace import (
     LaplaceLoRA,
     kfac_memory,
 )
+from melora.baselines.temperature import apply_temperature, fit_temperature
 
 __all__ = [
     "AnswerLogits",
     "LaplaceConfig",
     "LaplaceLoRA",
+    "apply_temperature",
     "average_predictions",
     "ensemble_seeds",
     "evaluate_ensemble",
+    "fit_temperature",
     "kfac_memory",
     "predict_members",
 ]

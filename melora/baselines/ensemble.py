@@ -11,6 +11,11 @@ Member seeds of distinct ensembles: ENS seed s has the members `ensemble_seeds(s
 M(s-1)+1 .. Ms, so ENS seed 1 is the paper's (1, 2, 3) and ENS seeds 1, 2, 3 use nine distinct LoRA
 runs. The spread over ENS seeds is then the spread of independent ensembles; ensembles that share
 members would understate it.
+
+Uncertainty: the members are the draws of the ensemble's predictive. `evaluate_ensemble` logs the
+selective-prediction metrics and, with M >= 2 deterministic (LoRA) members, the decomposition
+total = H(p_ens), aleatoric = (1/M) sum_m H(p_m), epistemic = their difference (the mutual
+information between the prediction and the member, `mi_n<N>`, and the OOD AUROC by it).
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from melora import metrics
 from melora.adapters import adapter_config, load_adapter
 from melora.errors import MeLoraError
 from melora.evaluation import (
     DEFAULT_N_SAMPLES,
     Batch,
     Predictions,
+    Predictive,
     RunEvaluation,
     _resolve_id_task,
     metrics_of,
     predict_sets,
+    uncertainty_metrics_of,
 )
 
 DEFAULT_SIZE = 3
@@ -84,7 +92,7 @@ def predict_members(
     test (LoRA: `AdapterConfig.samples_at_test`) are predicted once with the mean adapter, and
     that prediction stands for every N.
     """
-    return _predict_members(model, adapter_dirs, {prefix: loaders}, n_samples)
+    return _predict_members(model, adapter_dirs, {prefix: loaders}, n_samples)[0]
 
 
 def evaluate_ensemble(
@@ -101,14 +109,31 @@ def evaluate_ensemble(
     ood_loaders = ood_loaders or {}
     if ood_loaders:
         id_task = _resolve_id_task(test_loaders, id_task)
-    both = _predict_members(
+    both, predictive = _predict_members(
         model, adapter_dirs, {"test": test_loaders, "ood": ood_loaders}, n_samples
     )
     test = {k: v for k, v in both.items() if k.startswith("test/")}
     ood = {k: v for k, v in both.items() if k.startswith("ood/")}
     result = metrics_of(test, n_bins)
     result.update(metrics_of(ood, n_bins, id_predictions=test, id_task=id_task))
+    test_pred = {k: v for k, v in predictive.items() if k.startswith("test/")}
+    ood_pred = {k: v for k, v in predictive.items() if k.startswith("ood/")}
+    result.update(uncertainty_metrics_of(test_pred))
+    if ood_pred:
+        result.update(uncertainty_metrics_of(ood_pred, test_pred, id_task))
     return RunEvaluation(metrics=result, predictions=both)
+
+
+def members_predictive(members: Sequence[Predictions]) -> dict[str, Predictive]:
+    """Key by key, the ensemble's `Predictive` with the members as its draws: probs = their mean,
+    expected_entropy = the mean of their entropies, draws = the number of members."""
+    averaged = average_predictions(members)
+    out = {}
+    for key, (probs, labels) in averaged.items():
+        entropies = [metrics.entropy(member[key][0]) for member in members]
+        expected = torch.tensor(sum(entropies) / len(members), dtype=torch.float64)
+        out[key] = Predictive(probs, labels, expected, draws=len(members))
+    return out
 
 
 def _predict_members(
@@ -116,8 +141,10 @@ def _predict_members(
     adapter_dirs: Sequence[str | os.PathLike],
     sets: Mapping[str, Mapping[str, Iterable[Batch]]],
     n_samples: Sequence[int],
-) -> Predictions:
-    """Each member's adapter loaded once, predicted on every set of every prefix, then averaged."""
+) -> tuple[Predictions, dict[str, Predictive]]:
+    """Each member's adapter loaded once, predicted on every set of every prefix, then averaged:
+    (the averaged predictions, and for deterministic members each key's `members_predictive`;
+    members that sample at test average their own draws first, so their keys get none)."""
     if not adapter_dirs:
         raise MeLoraError("an ensemble needs at least one member adapter folder")
     config = adapter_config(model)
@@ -134,10 +161,15 @@ def _predict_members(
         )
     averaged = average_predictions(members)
     if config.samples_at_test:
-        return averaged
-    return {  # deterministic members: the mean prediction stands for every N
-        f"{prefix}/{task}/n{n}": averaged[f"{prefix}/{task}/n0"]
+        return averaged, {}
+    predictive = members_predictive(members)
+    every_n = [  # deterministic members: the mean prediction stands for every N
+        (f"{prefix}/{task}/n{n}", f"{prefix}/{task}/n0")
         for prefix, loaders in sets.items()
         for task in loaders
         for n in n_samples
-    }
+    ]
+    return (
+        {key: averaged[n0] for key, n0 in every_n},
+        {key: predictive[n0] for key, n0 in every_n},
+    )

@@ -14,6 +14,12 @@ logit), and averaging over the votes counts them.
   splits train / validation / test of `SPLIT_SIZES` rows, each from its own fixed seed.
 - `demo_ood`: the shifted variant, test only: 5 choices (answer "E" never occurs in training),
   16 to 24 shown votes, 3 hidden votes, shown lead at most 2.
+- `demo_small`: `demo` with only the first `SMALL_TRAIN_SIZE` training rows (validation and test
+  as `demo`): the paper's regime in miniature, where a MAP adapter overfits and grows
+  over-confident (jobs/configs/demo_study.yaml).
+- `demo_shift`: a shift that keeps `demo`'s label space (3 or 4 choices, answers "A".."D"), test
+  only: 16 to 24 shown votes, 3 hidden votes, shown lead at most 2. Its OOD AUROC measures the
+  model's uncertainty, not the number of choices (which `demo_ood`'s fifth choice gives away).
 
 `demo_tokenizer()` reads characters (every printable ASCII character is one token, so the answer
 letters are single tokens), and `demo_model_config(tokenizer)` is the tiny Llama that the demo,
@@ -34,7 +40,8 @@ ANSWERS = ("A", "B", "C", "D")
 OOD_ANSWERS = ("A", "B", "C", "D", "E")
 SPLIT_SIZES = {"train": 1000, "validation": 300, "test": 500}
 OOD_SIZE = 500
-SEEDS = {"train": 0, "validation": 1, "test": 2, "ood": 3}
+SMALL_TRAIN_SIZE = 32
+SEEDS = {"train": 0, "validation": 1, "test": 2, "ood": 3, "shift": 4}
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class VoteDistribution:
 
 IN_DISTRIBUTION = VoteDistribution(n_choices=(3, 4), n_votes=(8, 14), hidden_votes=1, max_lead=3)
 OUT_OF_DISTRIBUTION = VoteDistribution(n_choices=(5,), n_votes=(16, 24), hidden_votes=3, max_lead=2)
+SHIFTED = VoteDistribution(n_choices=(3, 4), n_votes=(16, 24), hidden_votes=3, max_lead=2)
 
 
 def make_examples(n: int, seed: int, dist: VoteDistribution, prefix: str) -> list[dict[str, Any]]:
@@ -87,6 +95,17 @@ def in_distribution(split: str) -> list[dict[str, Any]]:
 def out_of_distribution(split: str = "test") -> list[dict[str, Any]]:
     """The `demo_ood` task's only split, "test"."""
     return make_examples(OOD_SIZE, SEEDS["ood"], OUT_OF_DISTRIBUTION, "ood")
+
+
+def small_in_distribution(split: str) -> list[dict[str, Any]]:
+    """The `demo_small` task: `demo`'s first `SMALL_TRAIN_SIZE` training rows, its other splits whole."""
+    rows = in_distribution(split)
+    return rows[:SMALL_TRAIN_SIZE] if split == "train" else rows
+
+
+def shifted(split: str = "test") -> list[dict[str, Any]]:
+    """The `demo_shift` task's only split, "test": `demo`'s label space under a shift."""
+    return make_examples(OOD_SIZE, SEEDS["shift"], SHIFTED, "shift")
 
 
 def demo_tokenizer() -> PreTrainedTokenizerFast:

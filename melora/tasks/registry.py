@@ -184,6 +184,22 @@ def _mmlu(subject: str) -> TaskSpec:
     )
 
 
+def _demo(name: str, generate, answers=demo.ANSWERS, test_only: bool = False) -> TaskSpec:
+    """A demo task: its rows come from `generate(hub_split)` (melora.tasks.demo)."""
+    return TaskSpec(
+        name=name,
+        hub_path="",
+        hub_config=None,
+        folder="",
+        files={"test": "test"} if test_only else _SPLITS3,
+        answers=answers,
+        kind="demo",
+        parse=_parse_demo,
+        test_only=test_only,
+        generate=generate,
+    )
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
@@ -217,29 +233,10 @@ TASKS: dict[str, TaskSpec] = {
         _mmlu("college_physics"),
         _mmlu("college_mathematics"),
         # Generated in code (melora.tasks.demo), never read from disk or the hub.
-        TaskSpec(
-            name="demo",
-            hub_path="",
-            hub_config=None,
-            folder="",
-            files=_SPLITS3,
-            answers=demo.ANSWERS,
-            kind="demo",
-            parse=_parse_demo,
-            generate=demo.in_distribution,
-        ),
-        TaskSpec(
-            name="demo_ood",
-            hub_path="",
-            hub_config=None,
-            folder="",
-            files={"test": "test"},
-            answers=demo.OOD_ANSWERS,
-            kind="demo",
-            parse=_parse_demo,
-            test_only=True,
-            generate=demo.out_of_distribution,
-        ),
+        _demo("demo", demo.in_distribution),
+        _demo("demo_ood", demo.out_of_distribution, answers=demo.OOD_ANSWERS, test_only=True),
+        _demo("demo_small", demo.small_in_distribution),
+        _demo("demo_shift", demo.shifted, test_only=True),
     ]
 }
 

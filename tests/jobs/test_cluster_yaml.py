@@ -71,10 +71,10 @@ def test_paper_runs_keep_their_state_on_the_shared_storage_every_node_mounts(clu
         assert base.tracking.tracking_uri is None  # $MLFLOW_TRACKING_URI, set on every node
 
 
-@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen is not installed here")
 def test_head_makes_one_tunnel_key_accepted_only_for_the_mlflow_forward(
-    cluster: dict, tmp_path: Path
+    cluster: dict, tmp_path: Path, require
 ) -> None:
+    require(shutil.which("ssh-keygen"), "ssh-keygen is not installed here")
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAAexisting ray-autoscaler\n")

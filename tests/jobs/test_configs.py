@@ -39,6 +39,8 @@ EXPECTED_TRIALS = {  # name -> trials; a new YAML must be added here
     "table9_ood_7b": 24,
     "ablation_noise_13b": 36,  # noise on/off x 6 tasks x 3 seeds
     "llama2_13b": 1,  # a single run (no sweep section): one trial
+    "stories260k": 1,  # the 13B path in miniature: one run
+    "demo_study": 33,  # 9 rows x 3 seeds + 6 ENS-only members (ENS seeds 2, 3)
 }
 PAPER = [c for c in CONFIGS if c.stem.startswith(("table", "ablation"))]
 
@@ -61,11 +63,19 @@ def demo_base(**sweep) -> tuple[RunConfig, dict]:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_shipped_yaml_dry_runs(path: Path, tmp_path: Path, capsys, sweep_job) -> None:
+def test_every_shipped_yaml_dry_runs(
+    path: Path, tmp_path: Path, capsys, sweep_job, request
+) -> None:
     assert path.stem in EXPECTED_TRIALS, (
         f"add {path.name}'s expected trial count to EXPECTED_TRIALS"
     )
-    assert sweep_job.main(["--config", str(path), "--dry-run"]) == 0
+    overrides = []
+    if path.stem == "stories260k":  # its ../shared paths are relative to the repo, not tmp_path
+        overrides = [
+            "--set", f"model.name_or_path={request.getfixturevalue('stories_dir')}",
+            "--set", f"task.data_dir={request.getfixturevalue('data_dir')}",
+        ]  # fmt: skip
+    assert sweep_job.main(["--config", str(path), "--dry-run", *overrides]) == 0
     out = capsys.readouterr().out
     n = EXPECTED_TRIALS[path.stem]
     assert f": {n} trials (" in out
@@ -173,6 +183,38 @@ def test_demo_sweep_trials_names_and_rows() -> None:
     # two trials at once on 2 cores: driver 0.5 + 2 workers x 0.25
     assert p.max_concurrent({"CPU": 2.0}) == 2
     assert p.max_concurrent({"CPU": 1.5}) == 1
+
+
+def test_the_demo_study_runs_every_method_in_the_overfitting_regime() -> None:
+    """Rows as the report names them, 3 seeds each, on the small training set and the
+    label-preserving shift; only the method's own fields differ between rows."""
+    from melora.tasks import load_task
+    from orchestrator.report import method_row
+
+    p = plan(REPO / "jobs/configs/demo_study.yaml")
+    rows = {}
+    for t in p.trials:
+        if t.role == ENS_MEMBER:
+            continue
+        a = t.run.adapter
+        label = method_row(a.method, {k: str(v) for k, v in t.run.flat_params().items()})
+        if a.method == "melora" and a.kl_variance == "exact":
+            label += " (exact KL)"
+        rows.setdefault(label, set()).add(t.run.seed)
+    assert rows == {
+        label: {1, 2, 3}
+        for label in (
+            "MAP", "MAP+TS", "MCD", "ENS", "LAP", "BLoB", "Me-LoRA", "Me-LoRA w/o noise",
+            "Me-LoRA (exact KL)",
+        )
+    }  # fmt: skip
+    for t in p.trials:
+        assert (t.run.task.name, t.run.task.ood_tasks) == ("demo_small", ("demo_shift",))
+        assert t.run.eval.n_samples == (0, 1, 10)
+        if t.run.adapter.method == "blob":
+            assert not t.run.adapter.flipout and t.run.adapter.prior_noise
+    train = load_task("demo_small", "paper", splits=("train",))["train"]
+    assert len(train) == 32  # small: MAP overfits it (docs/demo_study.md)
 
 
 def test_concurrency_counts_whole_trials_and_refuses_a_cluster_too_small() -> None:

@@ -1,7 +1,9 @@
 """`ray job submit --working-dir . -- python jobs/sweep.py ...` against a Ray head this test starts
 on 127.0.0.1 (token authentication on, as on a cluster) and stops again, alone: the head runs in
 its own session and a temporary Ray folder of its own, so other Ray instances on the machine are
-neither joined nor stopped. Two short trials under ASHA; about 1.5 minutes on 2 cores."""
+neither joined nor stopped. The head and the CLI read the session's token from a temporary file
+(`ray_auth_token` in tests/conftest.py), never from ~/.ray. Two short trials under ASHA; about
+1.5 minutes on 2 cores (4 with an empty HOME: DeepSpeed compiles its CPU op again)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path: Path, stop_group):
+def ray_head(tmp_path: Path, stop_group, ray_auth_token: Path):
     """A Ray head on 127.0.0.1 with 2 CPUs; yields (dashboard address, environment for the CLI).
 
     The head gets MLFLOW_TRACKING_URI in its environment, as cluster.yaml's head does: jobs
@@ -41,6 +43,7 @@ def ray_head(tmp_path: Path, stop_group):
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",  # the CLI finds the token only with this set (STACK.md)
+        "RAY_AUTH_TOKEN_PATH": str(ray_auth_token),  # a temporary file, not ~/.ray/auth_token
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }

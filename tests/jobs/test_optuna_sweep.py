@@ -21,7 +21,6 @@ SPACE = {
 
 
 def test_optuna_draws_named_trials_from_the_space(tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("optuna")
     import ray
     from ray import tune
 

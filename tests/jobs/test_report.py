@@ -37,7 +37,12 @@ TASKS = {
 }
 METHODS = {  # trial word -> (method tag, params, the report's row, the N the report takes)
     "map": ("lora", {"optim.weight_decay": "1e-05"}, "MAP", 0),
-    "blob": ("blob", {"optim.weight_decay": "0.0"}, "BLoB", 1),
+    "blob": (
+        "blob",
+        {"optim.weight_decay": "0.0", "adapter.flipout": "False", "adapter.prior_noise": "True"},
+        "BLoB",
+        1,
+    ),
     "melora": (
         "melora",
         {"optim.weight_decay": "0.0", "adapter.prior_noise": "True"},
@@ -270,6 +275,10 @@ def test_cells_equal_the_runs_mean_and_std(store: Store) -> None:
                 got = plain(ood[(METRIC[metric], row)][LABEL[name]])
                 assert got == expected_cell(store, word, "ood", name, metric, n), (row, name)
     assert "N (posterior samples) per row: MAP 0, ENS 0, BLoB 1, Me-LoRA 1." in md
+    assert (
+        "- BLoB rows as the paper re-implemented it: flipout off, prior noise on "
+        "(Me-LoRA's KL regularisation)" in md
+    )
     # ENS: one row whatever its member seeds; its members trained for it alone are left out
     for metric in ("acc", "ece", "nll"):
         got = plain(in_dist[(METRIC[metric], "ENS")]["WG-S"])
@@ -489,3 +498,82 @@ def test_all_six_method_rows_of_the_paper(tmp_path: Path) -> None:
             plain(table[("ACC", row)]["ARC-E"]) == f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
         )
     assert "N (posterior samples) per row: MAP 0, MCD 10, ENS 0, LAP 10, BLoB 1, Me-LoRA 1." in md
+
+
+def test_uncertainty_and_selective_metrics_are_read_and_shown(tmp_path: Path) -> None:
+    """mi, auroc_mi, aurc and acc_cov80 (melora.evaluation.uncertainty_metrics_of) are parsed,
+    printed and ranked; MI, logged only by methods that sample at N >= 2, is never ranked and its
+    absence in the MAP row is one note, not one per cell."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    eid = client.create_experiment("unc", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = _sweep(client, eid, "unc")
+    levels = {  # method -> (params, aurc, acc_cov80, mi, auroc_mi)
+        "lora": ({"optim.weight_decay": "1e-05"}, 0.20, 0.80, None, None),
+        "melora": ({"optim.weight_decay": "0.0"}, 0.10, 0.90, 0.05, 0.70),
+    }
+    logged = {}
+    for method, (params, aurc, cov, mi, auroc_mi) in levels.items():
+        for seed in (1, 2):
+            m = {}
+            for n in (0, 10):
+                for split, name in (("test", "openbookqa"), ("ood", "arc_challenge")):
+                    m[f"{split}/{name}/acc_n{n}"] = 0.7
+                    m[f"{split}/{name}/aurc_n{n}"] = aurc + 0.01 * seed
+                    m[f"{split}/{name}/acc_cov80_n{n}"] = cov + 0.01 * seed
+                    if mi is not None and n == 10:
+                        m[f"{split}/{name}/mi_n{n}"] = mi + 0.001 * seed
+                if split == "ood":
+                    m[f"ood/arc_challenge/auroc_n{n}"] = 0.6
+                    if auroc_mi is not None and n == 10:
+                        m[f"ood/arc_challenge/auroc_mi_n{n}"] = auroc_mi + 0.01 * seed
+            logged[(method, seed)] = m
+            _trial(
+                client, eid, parent, "unc", f"unc-{method}-seed{seed}", method, "openbookqa",
+                seed, {**params, "task.ood_tasks": '["arc_challenge"]'}, m, "FINISHED",
+            )  # fmt: skip
+    client.set_terminated(parent, "FINISHED")
+    report = build_report(
+        uri, "unc", n_samples=10, metrics=["acc", "aurc", "acc_cov80", "mi", "auroc_mi"]
+    )
+    md = report.markdown()
+    table = md_table(md, "Trained on OBQA: in-distribution and OOD sets")
+
+    def cell(method: str, key: str, scale: float, decimals: int) -> str:
+        vals = np.array([logged[(method, s)][key] for s in (1, 2)]) * scale
+        return f"{vals.mean():.{decimals}f} ± {vals.std(ddof=1):.{decimals}f}"
+
+    for col, split, name in (("OBQA", "test", "openbookqa"), ("ARC-C", "ood", "arc_challenge")):
+        for label, metric in (("AURC", "aurc"), ("ACC@80", "acc_cov80")):
+            for method, row in (("lora", "MAP"), ("melora", "Me-LoRA")):
+                expected = cell(method, f"{split}/{name}/{metric}_n10", 100.0, 2)
+                assert plain(table[(label, row)][col]) == expected, (label, row, col)
+        assert table[("AURC", "Me-LoRA")][col].startswith("**")  # lower is better
+        assert table[("ACC@80", "Me-LoRA")][col].startswith("**")  # higher is better
+        mi = cell("melora", f"{split}/{name}/mi_n10", 1.0, 4)
+        assert table[("MI", "Me-LoRA")][col] == mi  # printed, never bold: no better direction
+        assert table[("MI", "MAP")][col] == "—"
+    assert (
+        table[("AUROC-MI", "Me-LoRA")]["ARC-C"]
+        == "**" + cell("melora", "ood/arc_challenge/auroc_mi_n10", 100.0, 2) + "**"
+    )
+    assert table[("AUROC-MI", "Me-LoRA")]["OBQA"] == "—"  # OOD only, like AUROC
+    assert "| MI | MAP |" in md and "| AURC ↓ | MAP |" in md and "| ACC@80 ↑ | MAP |" in md
+    assert (
+        "MI/AUROC-MI: only for methods whose predictive averages several draws" in md
+        and "none for MAP" in md
+    )
+    assert "mi_n10 missing" not in md and "auroc_mi_n10 missing" not in md
+    assert "MI & MAP" in report.latex() and "AURC $\\downarrow$ & MAP" in report.latex()
+    # runs.csv keeps every new key, with its metric name parsed whole
+    rows = list(csv.DictReader(io.StringIO(report.csv())))
+    parsed = {(r["split"], r["set"], r["metric"], r["n_samples"]) for r in rows}
+    for key in logged[("melora", 1)]:
+        split, name, rest = key.split("/")
+        metric, n = rest.rsplit("_n", 1)
+        assert (split, name, metric, n) in parsed, key
+    assert {"aurc", "acc_cov80", "mi", "auroc_mi", "auroc", "acc"} == {r["metric"] for r in rows}
+    out = tmp_path / "cli"
+    argv = ["--experiment", "unc", "--tracking-uri", uri, "--n-samples", "10", "--no-log"]
+    assert cli.main([*argv, "--metrics", "mi,auroc_mi,aurc,acc_cov80", "--out", str(out)]) == 0
+    assert "AUROC-MI" in (out / "report.md").read_text()

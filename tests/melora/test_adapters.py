@@ -15,7 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import melora
-from melora.layers import BlobLinear, LoraLinear, MeLoraLinear
+from melora.layers import LOG_FLOOR, BlobLinear, LoraLinear, MeLoraLinear
 
 METHODS = ("lora", "blob", "melora")
 
@@ -109,8 +109,69 @@ def hand_kl_paper(M, A, H, s_p) -> float:
     std_sq = sum(
         sum(omega[i, k] * abs(A[k, j]) for k in range(r)) ** 2 for i in range(r) for j in range(n)
     )
-    log_sum = sum(math.log(omega[i, k]) for i in range(r) for k in range(r))
+    log_sum = sum(math.log(omega[i, k] + LOG_FLOOR) for i in range(r) for k in range(r))
     return (mean_sq + std_sq) / (2 * s_p**2) - log_sum
+
+
+def test_the_log_floor_leaves_the_kl_at_its_initial_std_unchanged() -> None:
+    layer = melora_layer()  # H ~ U(eps0 / sqrt(2), eps0): Omega in [0.00125, 0.0025]
+    omega = layer.omega.detach().double()
+    unfloored = layer.kl().double() + torch.log(omega + LOG_FLOOR).sum() - torch.log(omega).sum()
+    assert layer.kl().item() == pytest.approx(unfloored.item(), rel=1e-3)
+    assert torch.log(omega + LOG_FLOOR).sum() / torch.log(omega).sum() == pytest.approx(1, rel=1e-3)
+
+
+@pytest.mark.parametrize("kl_variance", ["paper", "exact"])
+@pytest.mark.parametrize("method", ["melora", "blob"])
+def test_a_posterior_std_driven_to_zero_keeps_the_kl_step_finite_and_small(method, kl_variance):
+    """The paper's two-step KL: theta <- theta - lr * pi * grad KL. With one entry of H (R_A) at
+    1e-4 and another at exactly 0, as an AdamW step can leave them, the KL and its SGD step stay
+    finite, and no entry moves by more than lr * pi * 1000 (without the floor the 1e-4 entry was
+    thrown to about 1: gradient -2/H)."""
+    make = melora_layer if method == "melora" else blob_layer
+    layer = make(kl_variance=kl_variance) if method == "melora" else make()
+    std_param = layer.lora_H if method == "melora" else layer.lora_A_rho
+    with torch.no_grad():
+        std_param[0, 0] = 1e-4
+        std_param[1, 1] = 0.0
+    lr, pi = 1e-4, 0.5
+    kl = pi * layer.kl(prior_eps=0.3)
+    in_kl = ("lora_A", "lora_M", "lora_H", "lora_A_rho")  # B and the base layer do not enter the KL
+    params = [p for name, p in layer.named_parameters() if name in in_kl]
+    grads = torch.autograd.grad(kl, params)
+    assert torch.isfinite(kl)
+    for g in grads:
+        assert torch.isfinite(g).all()
+        assert (lr * g).abs().max() <= lr * pi * 1000 * 1.01
+    before = std_param.detach().clone()
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p -= lr * g
+    assert (std_param - before).abs().max() < 0.06
+    assert torch.isfinite(layer.kl()).all()
+
+
+@pytest.mark.parametrize("method", ["melora", "blob"])
+def test_a_bayesian_layer_with_a_zero_posterior_std_is_deterministic_at_test(method: str) -> None:
+    """Dropout belongs to training: in eval() a BLoB / Me-LoRA layer draws from its posterior
+    alone, so with a zero std "sample" equals "mean" exactly; in train() dropout still applies."""
+    model = melora.attach(tiny_llama(), melora.AdapterConfig(method=method, r=4, dropout=0.1))
+    randomize_adapters(model)
+    with torch.no_grad():
+        for _, layer in melora.adapted_layers(model):
+            (layer.lora_H if method == "melora" else layer.lora_A_rho).zero_()
+    ids = torch.randint(0, 64, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        with melora.sampling(model, "mean"):
+            mean = model(ids).logits
+        with melora.sampling(model, "sample"):
+            draws = [model(ids).logits for _ in range(3)]
+        for draw in draws:
+            torch.testing.assert_close(draw, mean, rtol=0, atol=0)
+        model.train()  # training draws dropout masks (the posterior's std is 0)
+        a, b = model(ids).logits, model(ids).logits
+    assert not torch.allclose(a, b)
 
 
 def hand_kl_exact(M, A, H, s_p) -> float:

@@ -82,3 +82,27 @@ def test_lora_on_q_and_v_learns_the_demo_and_the_ood_variant_is_harder(one_threa
     )
     assert id_acc >= 0.8
     assert ood_acc <= id_acc - 0.15
+
+
+def test_demo_small_is_the_demo_with_a_small_training_set() -> None:
+    small, full = load_task("demo_small", "paper"), load_task("demo", "paper")
+    assert len(small["train"]) == 32
+    assert small["train"]["prompt"] == full["train"]["prompt"][:32]
+    for split in ("validation", "test"):
+        assert small[split]["prompt"] == full[split]["prompt"]
+        assert small[split]["label"] == full[split]["label"]
+
+
+def test_demo_shift_keeps_the_label_space_and_shifts_the_votes() -> None:
+    """OOD AUROC against demo_shift measures the model, not the number of choices."""
+    shift = load_task("demo_shift", "paper", splits=("test",))["test"]
+    test = load_task("demo", "paper", splits=("test",))["test"]
+    assert set(shift["n_choices"]) == set(test["n_choices"]) == {3, 4}
+    assert set(shift["label"]) == set(test["label"]) == {0, 1, 2, 3}
+    assert not set(shift["prompt"]) & set(test["prompt"])
+
+    def shown_votes(prompt: str) -> int:
+        return len(prompt.split("Votes so far: ")[1].split()[0])
+
+    assert min(shown_votes(p) for p in shift["prompt"]) >= 16  # the ID set shows 8 to 14
+    assert max(shown_votes(p) for p in test["prompt"]) <= 14

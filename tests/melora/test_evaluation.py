@@ -3,6 +3,7 @@ against independent computations on a stub model and on a tiny adapted Llama."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +35,7 @@ class StubLM(nn.Module):
         return SimpleNamespace(logits=self.fixed)
 
 
-def tiny_llama(seed: int, method: str = "melora") -> nn.Module:
+def tiny_llama(seed: int, method: str = "melora", dropout: float = 0.0) -> nn.Module:
     """A 2-layer random Llama with adapters whose sampled outputs visibly differ."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -45,7 +46,8 @@ def tiny_llama(seed: int, method: str = "melora") -> nn.Module:
         num_key_value_heads=2,
         vocab_size=64,
     )
-    model = melora.attach(LlamaForCausalLM(config), melora.AdapterConfig(method=method, r=4))
+    adapter = melora.AdapterConfig(method=method, r=4, dropout=dropout)
+    model = melora.attach(LlamaForCausalLM(config), adapter)
     with torch.no_grad():  # B = 0 at init would make every sample equal to the mean
         for _, layer in melora.adapted_layers(model):
             layer.lora_B.normal_(0.0, 1.0)
@@ -104,6 +106,50 @@ def reference_probs(model: nn.Module, loader, n_samples: int) -> torch.Tensor:
             rows.append(torch.stack(draws).mean(dim=0))
     model.train(was_training)
     return torch.cat(rows)
+
+
+@pytest.mark.parametrize("method", ["blob", "melora", "mcd"])
+def test_n_draws_come_from_the_posterior_alone(method: str, loader) -> None:
+    """With the posterior's std at zero and dropout 0.1, N = 10 gives exactly the N = 0
+    probabilities for BLoB and Me-LoRA (dropout is off at test); MC dropout samples dropout masks."""
+    model = tiny_llama(0, method, dropout=0.1)
+    with torch.no_grad():
+        for _, layer in melora.adapted_layers(model):
+            if method == "melora":
+                layer.lora_H.zero_()
+            if method == "blob":
+                layer.lora_A_rho.zero_()
+    mean_probs, _ = evaluation.predict(model, loader, 0)
+    sampled_probs, _ = evaluation.predict(model, loader, 10)
+    if method == "mcd":
+        assert (sampled_probs - mean_probs).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(sampled_probs, mean_probs, rtol=0, atol=1e-7)
+
+
+def reference_draws(model: nn.Module, loader, n_samples: int) -> torch.Tensor:
+    """Every draw's softmax kept, (S, N_ex, K): what `predict_with_entropy` avoids keeping."""
+    model.eval()
+    batches = []
+    with torch.no_grad(), melora.sampling(model, "mean" if n_samples == 0 else "sample"):
+        for batch in loader:
+            draws = []
+            for _ in range(max(n_samples, 1)):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                z = out.logits[:, -1, batch["answer_token_ids"]].float()
+                z[~batch["choice_mask"]] = float("-inf")
+                draws.append(torch.softmax(z, dim=1))
+            batches.append(torch.stack(draws))
+    return torch.cat(batches, dim=1)
+
+
+def entropies_by_hand(draws: torch.Tensor) -> list[float]:
+    """Per example, the mean over draws of -sum_k p log p (0 log 0 = 0), as a python loop."""
+    s, n, k = draws.shape
+    return [
+        sum(-sum(float(p) * math.log(float(p)) for p in draws[t, i] if p > 0) for t in range(s)) / s
+        for i in range(n)
+    ]
 
 
 # ----- class_logits --------------------------------------------------------------------------
@@ -275,7 +321,7 @@ def test_evaluate_run_adds_ood_sets_and_auroc(loader, ood_loader, tmp_path: Path
             assert f"test/demo/{metric}_n{n}" in result.metrics
             assert f"ood/demo_ood/{metric}_n{n}" in result.metrics
         assert f"ood/demo_ood/auroc_n{n}" in result.metrics
-    assert len(result.metrics) == 2 * 2 * 4 + 2
+    assert len(result.metrics) == 2 * 2 * 6 + 2  # acc nll ece brier aurc acc_cov80; no MI below N=2
     assert set(result.predictions) == {
         "test/demo/n0",
         "test/demo/n1",
@@ -339,4 +385,106 @@ def test_reliability_diagram_is_all_or_nothing(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
     with pytest.raises(OSError, match="disk full"):
         plots.reliability_diagram(probs, labels, tmp_path / "diagram.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- the uncertainty decomposition and selective prediction ---------------------------------
+def test_predict_with_entropy_keeps_the_mean_entropy_of_the_draws(loader) -> None:
+    model = tiny_llama(0)
+    torch.manual_seed(11)
+    result = evaluation.predict_with_entropy(model, loader, n_samples=3)
+    torch.manual_seed(11)
+    draws = reference_draws(model, loader, 3)
+    torch.manual_seed(11)
+    probs, labels = evaluation.predict(model, loader, n_samples=3)
+    assert result.draws == 3 and result.expected_entropy.dtype == torch.float64
+    torch.testing.assert_close(result.probs, probs, rtol=0, atol=0)  # predict: the same draws
+    torch.testing.assert_close(result.labels, labels)
+    torch.testing.assert_close(result.probs, draws.mean(dim=0))
+    expected = torch.tensor(entropies_by_hand(draws), dtype=torch.float64)
+    torch.testing.assert_close(result.expected_entropy, expected, rtol=0, atol=1e-6)
+    # the draws differ, so MI is positive, and equals H(mean) - mean H computed by hand
+    mean = draws.mean(dim=0)
+    by_hand = [
+        -sum(float(p) * math.log(float(p)) for p in mean[i] if p > 0) - expected[i].item()
+        for i in range(len(mean))
+    ]
+    mi = result.mutual_information()
+    torch.testing.assert_close(mi, torch.tensor(by_hand, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert mi.min() >= 0 and mi.max() > 1e-3
+
+
+def test_predict_with_entropy_at_one_draw_has_zero_mutual_information(loader) -> None:
+    model = tiny_llama(0)
+    for n in (0, 1):
+        result = evaluation.predict_with_entropy(model, loader, n_samples=n)
+        assert result.draws == 1
+        torch.testing.assert_close(
+            result.expected_entropy,
+            torch.tensor(entropies_by_hand(result.probs[None]), dtype=torch.float64),
+        )
+        assert result.mutual_information().abs().max() < 1e-6
+
+
+def test_evaluate_run_logs_mi_and_selective_metrics(loader, ood_loader) -> None:
+    model = tiny_llama(0)
+    torch.manual_seed(5)
+    result = evaluation.evaluate_run(model, {"demo": loader}, {"o": ood_loader}, n_samples=(0, 2))
+    torch.manual_seed(5)  # the same draws, in evaluate_run's order: test sets, then OOD sets
+    test = {n: evaluation.predict_with_entropy(model, loader, n) for n in (0, 2)}
+    ood = {n: evaluation.predict_with_entropy(model, ood_loader, n) for n in (0, 2)}
+    got = result.metrics
+    for n in (0, 2):
+        for prefix, task, pred in (("test", "demo", test[n]), ("ood", "o", ood[n])):
+            for name, value in metrics.selective(pred.probs, pred.labels).items():
+                assert got[f"{prefix}/{task}/{name}_n{n}"] == pytest.approx(value, abs=1e-12)
+    assert "test/demo/mi_n0" not in got and "ood/o/auroc_mi_n0" not in got
+    assert got["test/demo/mi_n2"] == pytest.approx(
+        metrics.mean_mutual_information(test[2].probs, test[2].expected_entropy), abs=1e-12
+    )
+    assert got["ood/o/mi_n2"] > 0
+    assert got["ood/o/auroc_mi_n2"] == pytest.approx(
+        metrics.ood_auroc_mi(
+            test[2].probs, test[2].expected_entropy, ood[2].probs, ood[2].expected_entropy
+        ),
+        abs=1e-12,
+    )
+    assert len(got) == 2 * 2 * 6 + 2 + 2 + 1  # + auroc at each N, mi (test, ood), auroc_mi
+    assert all(len(v) == 2 for v in result.predictions.values())  # (probs, labels) pairs
+
+
+def test_no_mi_for_a_method_that_does_not_sample_at_test(loader, ood_loader) -> None:
+    lora = tiny_llama(0, method="lora")
+    result = evaluation.evaluate_run(lora, {"demo": loader}, {"o": ood_loader}, n_samples=(0, 2))
+    assert not [k for k in result.metrics if "/mi_" in k or "auroc_mi" in k]
+    assert "test/demo/aurc_n2" in result.metrics and "ood/o/acc_cov80_n2" in result.metrics
+    # an ensemble's (probs, labels) pairs get the selective metrics only
+    pairs = evaluation.predict_sets([tiny_llama(1), tiny_llama(2)], {"demo": loader}, (2,))
+    assert set(evaluation.uncertainty_metrics_of(pairs)) == {
+        "test/demo/aurc_n2",
+        "test/demo/acc_cov80_n2",
+    }
+
+
+def test_accuracy_coverage_plot_writes_a_png(tmp_path: Path) -> None:
+    probs, labels = _some_predictions()
+    target = tmp_path / "selective" / "test_demo.png"
+    curves = {"N=0": (probs, labels), "N=10": (probs[::-1].copy(), labels)}
+    assert plots.accuracy_coverage_plot(curves, target, title="demo") == target
+    assert target.read_bytes().startswith(PNG_SIGNATURE) and target.stat().st_size > 1000
+    assert [p.name for p in target.parent.iterdir()] == ["test_demo.png"]
+    with pytest.raises(ValueError, match="at least one"):
+        plots.accuracy_coverage_plot({}, tmp_path / "empty.png")
+
+
+def test_accuracy_coverage_plot_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
+    probs, labels = _some_predictions()
+
+    def broken_savefig(self, fname, **kwargs):
+        fname.write(b"half a png")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        plots.accuracy_coverage_plot({"N=0": (probs, labels)}, tmp_path / "curve.png")
     assert list(tmp_path.iterdir()) == []

@@ -35,8 +35,31 @@ def test_uniform_weights() -> None:
 def test_kl_weight_rejects_bad_input() -> None:
     with pytest.raises(ConfigError, match="'blundel'.*'blundell', 'uniform'"):
         kl_weight(0, 4, "blundel")
-    with pytest.raises(ConfigError, match="steps_per_epoch=0"):
+    with pytest.raises(ConfigError, match="batches_per_epoch=0"):
         kl_weight(0, 0)
+    with pytest.raises(ConfigError, match="grad_accum=0"):
+        kl_weight(0, 4, grad_accum=0)
+
+
+@pytest.mark.parametrize("scheme", ["blundell", "uniform"])
+@pytest.mark.parametrize("grad_accum", [1, 2, 3])
+def test_kl_weights_sum_to_one_over_each_epoch_of_optimiser_steps(scheme: str, grad_accum: int):
+    """7 micro-batches an epoch (not a multiple of 2 or 3): the weights of the optimiser steps whose
+    first micro-batch falls in an epoch sum to 1, epoch after epoch, and Blundell's halve within it."""
+    L, epochs = 7, 6
+    by_epoch: dict[int, list[float]] = {}
+    for step in range(epochs * L // grad_accum):
+        epoch = step * grad_accum // L  # micro-batch step * grad_accum opens this step
+        by_epoch.setdefault(epoch, []).append(kl_weight(step, L, scheme, grad_accum))
+    for epoch, weights in by_epoch.items():
+        if epoch == max(by_epoch):
+            continue  # the range may cut the last epoch short
+        assert sum(weights) == pytest.approx(1.0, rel=1e-12), (epoch, weights)
+        assert len(weights) in (L // grad_accum, -(-L // grad_accum))
+        if scheme == "blundell":
+            assert weights[0] == pytest.approx(2 ** (len(weights) - 1) / (2 ** len(weights) - 1))
+            for a, b in zip(weights, weights[1:], strict=False):
+                assert b == pytest.approx(a / 2)
 
 
 def test_prior_noise_is_uniform_shared_and_off_when_disabled() -> None:

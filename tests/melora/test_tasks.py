@@ -45,7 +45,7 @@ MMLU = {name for name in FILES if name.startswith("mmlu_")}
 
 
 def test_registry_has_the_papers_tasks_and_the_demo() -> None:
-    assert set(TASKS) == set(FILES) | {"demo", "demo_ood"}
+    assert set(TASKS) == set(FILES) | {"demo", "demo_ood", "demo_small", "demo_shift"}
 
 
 def _lines(path: Path) -> list[dict]:
@@ -241,6 +241,22 @@ PROMPTS = {
         "test",
         "Question: Which number wins? Votes so far: 235451514352245544222541\nChoices:\nA) 1\nB) 2\nC) 3\nD) 4\n"
         "E) 5\nAnswer:",
+    ),
+    ("demo_small", "laplace"): (
+        "train",
+        "Which number wins? Votes so far: 41344343223213 Choices: A. 1 B. 2 C. 3 D. 4 Answer:",
+    ),
+    ("demo_small", "blob"): (
+        "train",
+        "Question: Which number wins? Votes so far: 41344343223213\nChoices:\nA) 1\nB) 2\nC) 3\nD) 4\nAnswer:",
+    ),
+    ("demo_shift", "laplace"): (
+        "test",
+        "Which number wins? Votes so far: 13221111232113322112 Choices: A. 1 B. 2 C. 3 Answer:",
+    ),
+    ("demo_shift", "blob"): (
+        "test",
+        "Question: Which number wins? Votes so far: 13221111232113322112\nChoices:\nA) 1\nB) 2\nC) 3\nAnswer:",
     ),
 }
 
@@ -529,9 +545,11 @@ def test_a_data_dir_without_the_task_folder(tmp_path: Path) -> None:
         load_task("winogrande_s", data_dir=tmp_path)
 
 
-def test_a_missing_split_file_suggests_loading_fewer_splits(data_dir: Path) -> None:
+def test_a_missing_split_file_suggests_loading_fewer_splits(tmp_path: Path) -> None:
+    (tmp_path / "boolq").mkdir()  # as in ../shared/data: BoolQ's validation file only
+    (tmp_path / "boolq" / "validation.jsonl").write_text("")
     with pytest.raises(TaskError) as err:
-        load_task("boolq", data_dir=data_dir)
+        load_task("boolq", data_dir=tmp_path)
     message = str(err.value)
     assert "boolq/train.jsonl (or .parquet) is missing" in message
     assert "['validation.jsonl']" in message and "pass splits=" in message
@@ -544,7 +562,7 @@ def test_an_unknown_task_lists_the_known_ones() -> None:
         load_task("arc_challange")
 
 
-def test_unknown_policy_style_and_split(data_dir: Path) -> None:
+def test_unknown_policy_style_and_split(tmp_path: Path) -> None:
     with pytest.raises(
         TaskError,
         match=r"split_policy='lora' is not a split policy; use one of \['paper', 'laplace', 'blob'\]",
@@ -561,7 +579,7 @@ def test_unknown_policy_style_and_split(data_dir: Path) -> None:
     ):
         load_task("demo", split_policy="blob", splits=("validation", "test"))
     with pytest.raises(TaskError, match=r"its splits are \['test'\]"):
-        load_task("mmlu_college_chemistry", data_dir=data_dir, splits=("train",))
+        load_task("mmlu_college_chemistry", data_dir=tmp_path, splits=("train",))
 
 
 def test_a_row_off_the_schema_names_file_row_and_field(tmp_path: Path) -> None:

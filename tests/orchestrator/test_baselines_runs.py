@@ -151,6 +151,41 @@ def test_worker_evaluation_keeps_dropout_on_for_mcd_only(tmp_path: Path) -> None
     assert abs(mcd["test/demo/nll_n10"] - mcd["test/demo/nll_n0"]) > 1e-4
 
 
+def test_ts_evaluation_is_the_map_with_the_temperature_fitted_on_validation(tmp_path) -> None:
+    """adapter.method 'ts': the worker fits T on the validation split's N = 0 predictive (checked
+    against a grid search of the validation NLL) and scales every set with it; the accuracy is
+    the MAP's, the validation NLL at T is no worse than at T = 1."""
+    from melora.baselines.temperature import apply_temperature
+    from orchestrator.worker import evaluate_final
+
+    overrides = {"task.name": "demo_small", "task.ood_tasks": ["demo_shift"]}
+    runs = {m: demo_config(tmp_path, **{"adapter.method": m, **overrides}) for m in ("lora", "ts")}
+    model = train_in_process(runs["lora"], steps=30)  # TS trains exactly as MAP (LoRA layers)
+    data = worker_data(runs["ts"], validation=100, test=100, ood=60)
+    results = {
+        m: evaluate_final(SimpleNamespace(module=model), data, run)[0] for m, run in runs.items()
+    }
+    ts, lora = results["ts"], results["lora"]
+    temperature = ts.pop("temperature")
+    assert set(ts) == set(lora)
+    val_probs, val_labels = predict(model, make_loader(data.validation, TOKENIZER, 50), 0)
+    grid = [0.1 * 1.02**k for k in range(200)]  # T from 0.1 to 5.1
+    val_nll = [metrics.nll(apply_temperature(val_probs, t), val_labels) for t in grid]
+    assert temperature == pytest.approx(grid[val_nll.index(min(val_nll))], rel=0.02)
+    assert metrics.nll(apply_temperature(val_probs, temperature), val_labels) <= metrics.nll(
+        val_probs, val_labels
+    )
+    for n in (0, 10):
+        assert ts[f"test/demo_small/acc_n{n}"] == lora[f"test/demo_small/acc_n{n}"]
+        assert ts[f"test/demo_small/nll_n{n}"] != lora[f"test/demo_small/nll_n{n}"]
+        assert ts[f"ood/demo_shift/acc_n{n}"] == lora[f"ood/demo_shift/acc_n{n}"]
+
+
+def test_ts_needs_a_validation_split(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"adapter.method='ts' with task.split_policy='blob'"):
+        demo_config(tmp_path, **{"adapter.method": "ts", "task.split_policy": "blob"})
+
+
 def test_lap_step_gives_every_key_of_a_run_and_the_map_at_n0(tmp_path: Path) -> None:
     from orchestrator.laplace_step import evaluate_final_laplace
 
@@ -170,6 +205,12 @@ def test_lap_step_gives_every_key_of_a_run_and_the_map_at_n0(tmp_path: Path) -> 
     keys = {f"test/demo/{m}_n{n}" for m in ("acc", "nll", "ece", "brier") for n in (0, 10)}
     keys |= {
         f"ood/demo_ood/{m}_n{n}" for m in ("acc", "nll", "ece", "brier", "auroc") for n in (0, 10)
+    }
+    keys |= {
+        f"{s}/{m}_n{n}"
+        for s in ("test/demo", "ood/demo_ood")
+        for m in ("aurc", "acc_cov80")
+        for n in (0, 10)
     }
     lap_keys = {
         "lap/prior_precision",
@@ -235,6 +276,11 @@ def test_ensemble_run_links_its_members_and_averages_their_probabilities(tracked
     keys |= {
         f"ood/demo_ood/{m}_n{n}" for m in ("acc", "nll", "ece", "brier", "auroc") for n in (0, 10)
     }
+    # the members are the ensemble's draws: selective prediction and MI at every N
+    keys |= {f"test/demo/{m}_n{n}" for m in ("aurc", "acc_cov80", "mi") for n in (0, 10)}
+    keys |= {
+        f"ood/demo_ood/{m}_n{n}" for m in ("aurc", "acc_cov80", "mi", "auroc_mi") for n in (0, 10)
+    }
     assert set(run.data.metrics) == keys
 
     def loader(task: str):
@@ -250,6 +296,15 @@ def test_ensemble_run_links_its_members_and_averages_their_probabilities(tracked
         assert run.data.metrics[f"test/demo/{key}_n10"] == run.data.metrics[f"test/demo/{key}_n0"]
     auroc = metrics.ood_auroc(mean, torch.stack(ood).double().mean(0).float())
     assert run.data.metrics["ood/demo_ood/auroc_n0"] == pytest.approx(auroc, rel=1e-6)
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:  # nats, 0 log 0 = 0
+        p = p.double()
+        return -(p * p.clamp_min(1e-300).log()).sum(1)
+
+    # MI written out: H(mean of the members) - mean of the members' entropies, averaged over rows
+    mi = entropy(mean) - torch.stack([entropy(p) for p, _ in test]).mean(0)
+    assert run.data.metrics["test/demo/mi_n0"] == pytest.approx(mi.mean().item(), rel=1e-4)
+    assert run.data.metrics["test/demo/mi_n0"] > 0  # three seeds disagree somewhere
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"reliability", "config", "ensemble"} <= artifacts
     members = tracking.download_artifact(

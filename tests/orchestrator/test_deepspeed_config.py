@@ -149,3 +149,12 @@ def test_why_zero0_bf16_is_refused(tmp_path: Path) -> None:
         "stage-0 bf16 no longer takes a start-up step: remove the refusal"
     )
     assert steps[2] == []
+
+
+def test_bf16_reduces_and_accumulates_gradients_in_fp32() -> None:
+    """bf16 weights, fp32 gradient sums: the adapter's small gradients keep their bits."""
+    bf16 = deepspeed_config(_run(2, True), world_size=2, on_gpu=True)
+    assert bf16["communication_data_type"] == "fp32"
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = deepspeed_config(_run(2, False), world_size=2, on_gpu=False)
+    assert "communication_data_type" not in fp32 and "data_types" not in fp32

@@ -291,8 +291,8 @@ def test_finished_without_reason(uri: str, experiment: str) -> None:
     assert run.info.status == "FINISHED" and "failure_reason" not in run.data.tags
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_git_sha(tmp_path: Path) -> None:
+def test_git_sha(tmp_path: Path, require) -> None:
+    require(shutil.which("git"), "git is not installed")
     assert tracking.git_sha(tmp_path) == "unknown"  # not a repository
     git = [
         "git",

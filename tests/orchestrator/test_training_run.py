@@ -4,6 +4,7 @@ a worker killed mid-run, and a run whose loss turns NaN. Real Ray, DeepSpeed and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,6 @@ from orchestrator.config import RunConfig, load_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from orchestrator.trainer import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def demo_run(tmp_path: Path, **overrides) -> RunConfig:
@@ -88,8 +78,24 @@ def check_tracked_run(run: RunConfig, result, tmp_path: Path) -> MlflowClient:
         assert key in tracked.data.metrics, key
         assert tracked.data.metrics[key] == pytest.approx(result.metrics[key])
 
+    # selective prediction at every N; MI and OOD AUROC by MI where the predictive averages N >= 2
+    # draws (Me-LoRA samples at test); finite, and read back equal to what the run reported
+    for n in run.eval.n_samples:
+        sets = (("test", "demo"), ("ood", "demo_ood"))
+        keys = [f"{s}/{t}/{m}_n{n}" for s, t in sets for m in ("aurc", "acc_cov80")]
+        sampled = [f"test/demo/mi_n{n}", f"ood/demo_ood/mi_n{n}", f"ood/demo_ood/auroc_mi_n{n}"]
+        for key in keys + (sampled if n >= 2 else []):
+            assert math.isfinite(tracked.data.metrics[key]), key
+            assert tracked.data.metrics[key] == pytest.approx(result.metrics[key])
+        assert n >= 2 or not set(sampled) & set(tracked.data.metrics), n
+    for key in ("test/demo/mi_n10", "test/demo/aurc_n0"):
+        assert key in tracked.data.metrics and math.isfinite(tracked.data.metrics[key]), key
+    assert tracked.data.metrics["test/demo/mi_n10"] >= 0
+
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
-    assert {"adapter", "peft_lora", "reliability", "config"} <= artifacts
+    assert {"adapter", "peft_lora", "reliability", "selective", "config"} <= artifacts
+    (curve,) = client.list_artifacts(result.mlflow_run_id, "selective")
+    assert curve.path == "selective/test_demo.png" and curve.file_size > 1000
     resolved = download(client, result.mlflow_run_id, "config/resolved.yaml", tmp_path / "dl")
     assert RunConfig.from_dict(yaml.safe_load(resolved.read_text())) == run
     pngs = client.list_artifacts(result.mlflow_run_id, "reliability")
@@ -110,6 +116,10 @@ def check_tracked_run(run: RunConfig, result, tmp_path: Path) -> MlflowClient:
         result.metrics["test/demo/acc_n0"], abs=1e-9
     )
     assert metrics.nll(probs, labels) == pytest.approx(result.metrics["test/demo/nll_n0"], rel=1e-4)
+    # (float noise between batchings may swap two near-tied confidences: a change of 1 / (n k))
+    assert metrics.aurc(probs, labels) == pytest.approx(
+        result.metrics["test/demo/aurc_n0"], abs=1e-3
+    )
 
     # the PEFT export serves the same mean model
     from peft import PeftModel
@@ -136,7 +146,7 @@ def check_tracked_run(run: RunConfig, result, tmp_path: Path) -> MlflowClient:
 def test_demo_run_end_to_end(zero_stage: int, tmp_path: Path, ray_local) -> None:
     from orchestrator.trainer import fit_run
 
-    run = demo_run(tmp_path, **{"scaling.zero_stage": zero_stage})
+    run = demo_run(tmp_path, **{"scaling.zero_stage": zero_stage, "eval.n_samples": [0, 3, 10]})
     result = fit_run(run)
     client = check_tracked_run(run, result, tmp_path)
     # the best checkpoint's validation metrics come back from the saved (gathered) adapter
