@@ -25,6 +25,8 @@ Metric keys follow DESIGN.md: `<prefix>/<task>/<metric>_n<N>`, e.g. `test/arc_ea
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -63,7 +65,8 @@ def class_logits(model: nn.Module, batch: Batch) -> Tensor:
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     answer_ids = torch.as_tensor(batch["answer_token_ids"], dtype=torch.long, device=device)
-    last = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, :]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **_last_logits_only(model))
+    last = out.logits[:, -1, :]
     logits = last[:, answer_ids].float()
     choice_mask = batch.get("choice_mask")
     if choice_mask is not None:
@@ -79,6 +82,20 @@ def class_logits(model: nn.Module, batch: Batch) -> Tensor:
             )
         logits = logits.masked_fill(~choice_mask, float("-inf"))
     return logits
+
+
+def _last_logits_only(model: nn.Module) -> dict[str, int]:
+    """`{"logits_to_keep": 1}` where the model's forward takes it (Hugging Face causal LMs, also
+    inside DeepSpeed's engine), else `{}`: only the last position's vocabulary logits are computed
+    and kept, not batch x length x vocab of them (at Llama2's 32,000 tokens and length 300, 38 MB
+    per example in fp32, for every one of the N forwards)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's module
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(inner)) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def predict(model: nn.Module, loader: Iterable[Batch], n_samples: int) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ RAY_ADDRESS, and os.environ as it was after every test (ray.init writes RAY_AUTH
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
 import shutil
@@ -102,6 +103,22 @@ def ray_local(ray_auth_token: Path) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+def load_script(relative: str):
+    """A script of the repository (jobs/*.py, benchmarks/*.py: folders of scripts, not packages)
+    imported as a module, so that a test runs its `main(argv)` in-process."""
+    path = REPO_ROOT / relative
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(name="load_script", scope="session")
+def load_script_fixture():
+    """`load_script("jobs/train.py")` for tests (see `load_script`)."""
+    return load_script
 
 
 @pytest.fixture(scope="session")

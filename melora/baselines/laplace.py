@@ -263,7 +263,10 @@ class LaplaceLoRA:
                 "`jobs/evaluate.py --laplace <run>` on the finished run"
             )
         self._frozen_check(model)
+        self._paused_checkpointing: list[nn.Module] = []
+        self._paused_input_grads = False
         try:
+            self._pause_activation_checkpointing()
             for name, layer in layers:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
@@ -296,11 +299,30 @@ class LaplaceLoRA:
             )
 
     # ----- life cycle ---------------------------------------------------------------------------
+    def _pause_activation_checkpointing(self) -> None:
+        """laplace-torch's Jacobians (torch.func) cannot run through the hook that Hugging Face's
+        `gradient_checkpointing_enable` puts on the input embeddings (it calls `requires_grad_`
+        inside the transform: "You are attempting to call Tensor.requires_grad_() ... inside of a
+        function being transformed"), nor through checkpointed layers: both are paused for the
+        LAP step and restored by `close`."""
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.gradient_checkpointing = False
+                self._paused_checkpointing.append(module)
+        if getattr(self.model, "_require_grads_hooks", None):
+            self.model.disable_input_require_grads()
+            self._paused_input_grads = True
+
     def close(self) -> None:
-        """Put the original LoRA layers back (idempotent)."""
+        """Put the original LoRA layers back, and activation checkpointing as it was (idempotent)."""
         while self._swapped:
             parent, child, layer = self._swapped.pop()
             setattr(parent, child, layer)
+        while self._paused_checkpointing:
+            self._paused_checkpointing.pop().gradient_checkpointing = True
+        if self._paused_input_grads:
+            self.model.enable_input_require_grads()
+            self._paused_input_grads = False
 
     def __enter__(self) -> LaplaceLoRA:
         return self

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import time
@@ -16,12 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def sweep_job():
+def sweep_job(load_script):
     """jobs/sweep.py as a module: its `main(argv)` is the command line, run in-process."""
-    spec = importlib.util.spec_from_file_location("jobs_sweep", REPO / "jobs" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("jobs/sweep.py")
 
 
 @pytest.fixture

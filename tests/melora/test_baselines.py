@@ -332,6 +332,35 @@ def test_lap_end_to_end_on_the_demo_task(trained_map) -> None:
     assert all(math.isfinite(v) for v in values.values())
 
 
+def test_lap_runs_on_a_model_trained_with_activation_checkpointing(trained_map) -> None:
+    """Hugging Face's gradient checkpointing hooks the input embeddings with `requires_grad_`, which
+    laplace-torch's Jacobians (torch.func) refuse: LAP pauses it, gives the same predictions as
+    without it, and restores it on exit."""
+    test = loader_of("test", 8, batch_size=4)
+
+    def lap_probs() -> torch.Tensor:
+        with LaplaceLoRA(trained_map, LaplaceConfig(prior_tuning="none", link_approx="mc")) as lap:
+            lap.fit(loader_of("train", 32, batch_size=8))
+            preds = lap.predict_sets(
+                {"demo": test}, (10,), generator=torch.Generator().manual_seed(0)
+            )
+        return preds["test/demo/n10"][0]
+
+    plain = lap_probs()
+    trained_map.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    try:
+        hooks = list(trained_map._require_grads_hooks)
+        assert hooks and trained_map.is_activation_checkpointing
+        torch.testing.assert_close(lap_probs(), plain, rtol=0, atol=1e-6)
+        assert trained_map.is_activation_checkpointing and trained_map._require_grads_hooks
+    finally:
+        trained_map.activation_checkpointing_disable()
+        trained_map.disable_input_require_grads()
+    assert not trained_map.is_activation_checkpointing
+
+
 def kfac_memory_by_hand(model: nn.Module) -> int:
     """r^2 + n^2 + m^2 + r^2 float32 values per LoRA layer, counted by hand."""
     total = 0

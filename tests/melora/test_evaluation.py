@@ -92,20 +92,7 @@ def ood_loader() -> list[dict]:
 
 def reference_probs(model: nn.Module, loader, n_samples: int) -> torch.Tensor:
     """The N-sample predictive written out directly: the average of n softmax vectors."""
-    was_training = model.training
-    model.eval()
-    rows = []
-    with torch.no_grad(), melora.sampling(model, "mean" if n_samples == 0 else "sample"):
-        for batch in loader:
-            draws = []
-            for _ in range(max(n_samples, 1)):
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                z = out.logits[:, -1, batch["answer_token_ids"]].float()
-                z[~batch["choice_mask"]] = float("-inf")
-                draws.append(torch.softmax(z, dim=1))
-            rows.append(torch.stack(draws).mean(dim=0))
-    model.train(was_training)
-    return torch.cat(rows)
+    return reference_draws(model, loader, n_samples).mean(dim=0)
 
 
 @pytest.mark.parametrize("method", ["blob", "melora", "mcd"])
@@ -129,6 +116,7 @@ def test_n_draws_come_from_the_posterior_alone(method: str, loader) -> None:
 
 def reference_draws(model: nn.Module, loader, n_samples: int) -> torch.Tensor:
     """Every draw's softmax kept, (S, N_ex, K): what `predict_with_entropy` avoids keeping."""
+    was_training = model.training
     model.eval()
     batches = []
     with torch.no_grad(), melora.sampling(model, "mean" if n_samples == 0 else "sample"):
@@ -140,6 +128,7 @@ def reference_draws(model: nn.Module, loader, n_samples: int) -> torch.Tensor:
                 z[~batch["choice_mask"]] = float("-inf")
                 draws.append(torch.softmax(z, dim=1))
             batches.append(torch.stack(draws))
+    model.train(was_training)
     return torch.cat(batches, dim=1)
 
 
@@ -170,6 +159,24 @@ def test_class_logits_take_the_last_position_and_the_answer_tokens() -> None:
     assert got[1, 1] == float("-inf")
     probs = torch.softmax(got, dim=1)
     assert probs[1, 1] == 0.0
+
+
+def test_class_logits_ask_a_causal_lm_for_the_last_position_only(loader) -> None:
+    """A Hugging Face causal LM computes only the last position's vocabulary logits (not batch x
+    length x vocab), and the class logits equal those read from the full logits."""
+    model = tiny_llama(0).eval()
+    seen = []
+    hook = model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits.shape))
+    batch = loader[0]
+    with torch.no_grad():
+        got = evaluation.class_logits(model, batch)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    hook.remove()
+    assert seen[0] == (len(batch["labels"]), 1, 64)  # one position kept
+    assert seen[1][1] == batch["input_ids"].shape[1]  # the plain call keeps every position
+    expected = full[:, -1, batch["answer_token_ids"]].float()
+    expected = expected.masked_fill(~batch["choice_mask"], float("-inf"))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_class_logits_without_choice_mask_keeps_every_choice() -> None:

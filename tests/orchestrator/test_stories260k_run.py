@@ -7,7 +7,6 @@ task (ARC-Easy from ../shared/data, laplace prompts; a slice of it, to keep the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -22,23 +21,9 @@ SLICE = {"train": 32, "validation": 16, "test": 16}  # examples kept per split
 
 
 @pytest.fixture(scope="module")
-def train_job():
+def train_job(load_script):
     """jobs/train.py as a module: its `main(argv)` is the command line, run in-process."""
-    spec = importlib.util.spec_from_file_location("jobs_train", REPO / "jobs" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from orchestrator.trainer import init_ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
+    return load_script("jobs/train.py")
 
 
 def arc_easy_slice(data_dir: Path, out: Path) -> Path:
