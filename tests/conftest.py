@@ -121,6 +121,36 @@ def load_script_fixture():
     return load_script
 
 
+def data_slice(data_dir: Path, out: Path, folder: str, counts: dict[str, int]) -> Path:
+    """A data folder at `out` with the first `counts[file]` rows of `data_dir/folder/<file>.jsonl`
+    (the hub's schema, as `task.data_dir` reads it): a real task, small enough for a test run."""
+    (out / folder).mkdir(parents=True)
+    for name, n in counts.items():
+        lines = (data_dir / folder / f"{name}.jsonl").read_text().splitlines()[:n]
+        (out / folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def cli_args(config: Path, overrides: dict) -> list[str]:
+    """`--config config --set key=value ...`: a job script's command line."""
+    argv = ["--config", str(config)]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    return argv
+
+
+@pytest.fixture(name="data_slice", scope="session")
+def data_slice_fixture():
+    """`data_slice(data_dir, out, folder, counts)` for tests (see `data_slice`)."""
+    return data_slice
+
+
+@pytest.fixture(name="cli_args", scope="session")
+def cli_args_fixture():
+    """`cli_args(config, overrides)` for tests (see `cli_args`)."""
+    return cli_args
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The `../shared` folder beside the repository."""

@@ -382,7 +382,15 @@ def test_reliability_diagram_writes_a_png(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["diagram.png"]  # no temp file left
 
 
-def test_reliability_diagram_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda probs, labels, path: plots.reliability_diagram(probs, labels, path),
+        lambda probs, labels, path: plots.accuracy_coverage_plot({"N=0": (probs, labels)}, path),
+    ],
+    ids=["reliability_diagram", "accuracy_coverage_plot"],
+)
+def test_a_plot_is_written_all_or_nothing(write, tmp_path: Path, monkeypatch) -> None:
     probs, labels = _some_predictions()
 
     def broken_savefig(self, fname, **kwargs):
@@ -391,7 +399,7 @@ def test_reliability_diagram_is_all_or_nothing(tmp_path: Path, monkeypatch) -> N
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
     with pytest.raises(OSError, match="disk full"):
-        plots.reliability_diagram(probs, labels, tmp_path / "diagram.png")
+        write(probs, labels, tmp_path / "figure.png")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -482,16 +490,3 @@ def test_accuracy_coverage_plot_writes_a_png(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["test_demo.png"]
     with pytest.raises(ValueError, match="at least one"):
         plots.accuracy_coverage_plot({}, tmp_path / "empty.png")
-
-
-def test_accuracy_coverage_plot_is_all_or_nothing(tmp_path: Path, monkeypatch) -> None:
-    probs, labels = _some_predictions()
-
-    def broken_savefig(self, fname, **kwargs):
-        fname.write(b"half a png")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(Figure, "savefig", broken_savefig)
-    with pytest.raises(OSError, match="disk full"):
-        plots.accuracy_coverage_plot({"N=0": (probs, labels)}, tmp_path / "curve.png")
-    assert list(tmp_path.iterdir()) == []

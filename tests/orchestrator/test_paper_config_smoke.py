@@ -20,14 +20,6 @@ CONFIG = REPO / "jobs" / "configs" / "table2_id_13b.yaml"
 SLICE = {"train_s": 16, "validation": 24}  # WinoGrande-S: validation is cut 1:2 into val / test
 
 
-def winogrande_slice(data_dir: Path, out: Path) -> Path:
-    (out / "winogrande").mkdir(parents=True)
-    for name, n in SLICE.items():
-        lines = (data_dir / "winogrande" / f"{name}.jsonl").read_text().splitlines()[:n]
-        (out / "winogrande" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
-
-
 def method_rows() -> dict[str, dict]:
     """The trained rows of the table's sweep grid, as the YAML writes them."""
     _, sweep = load_experiment(CONFIG)
@@ -44,9 +36,16 @@ def test_the_table_rows_are_the_papers() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("row", ["map", "mcd", "lap", "blob", "melora"])
 def test_a_table2_row_runs_in_bf16_with_grad_accum_2(
-    row: str, load_script, ray_local, stories_dir: Path, data_dir: Path, tmp_path: Path
+    row: str,
+    load_script,
+    ray_local,
+    data_slice,
+    cli_args,
+    stories_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    data = winogrande_slice(data_dir, tmp_path / "data")
+    data = data_slice(data_dir, tmp_path / "data", "winogrande", SLICE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {
         **method_rows()[row],
@@ -65,10 +64,7 @@ def test_a_table2_row_runs_in_bf16_with_grad_accum_2(
         "model.gradient_checkpointing": True,
         "optim.grad_accum": 2,
     }
-    argv = ["--config", str(CONFIG)]
-    for key, value in overrides.items():
-        argv += ["--set", f"{key}={value}"]
-    assert load_script("jobs/train.py").main(argv) == 0
+    assert load_script("jobs/train.py").main(cli_args(CONFIG, overrides)) == 0
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("table2_id_13b").experiment_id])

@@ -26,15 +26,6 @@ def train_job(load_script):
     return load_script("jobs/train.py")
 
 
-def arc_easy_slice(data_dir: Path, out: Path) -> Path:
-    """The first examples of each ARC-Easy split, in the same files and schema."""
-    (out / "arc_easy").mkdir(parents=True)
-    for split, n in SLICE.items():
-        lines = (data_dir / "arc_easy" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (out / "arc_easy" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
-
-
 def test_missing_model_folder_fails_before_anything_starts(train_job, tmp_path, capsys) -> None:
     code = train_job.main(
         [
@@ -51,9 +42,16 @@ def test_missing_model_folder_fails_before_anything_starts(train_job, tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [3, 2])
 def test_stories260k_runs_end_to_end(
-    zero_stage: int, train_job, ray_local, stories_dir: Path, data_dir: Path, tmp_path: Path
+    zero_stage: int,
+    train_job,
+    ray_local,
+    data_slice,
+    cli_args,
+    stories_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    data = arc_easy_slice(data_dir, tmp_path / "data")
+    data = data_slice(data_dir, tmp_path / "data", "arc_easy", SLICE)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {
         "model.name_or_path": stories_dir,
@@ -64,10 +62,7 @@ def test_stories260k_runs_end_to_end(
         "tracking.tracking_uri": uri,
         "tracking.storage_path": tmp_path / "ray_results",
     }
-    argv = ["--config", str(CONFIG)]
-    for key, value in overrides.items():
-        argv += ["--set", f"{key}={value}"]
-    assert train_job.main(argv) == 0
+    assert train_job.main(cli_args(CONFIG, overrides)) == 0
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("stories260k").experiment_id])
