@@ -5,11 +5,20 @@
     python jobs/sweep.py --config jobs/configs/table2_id_13b.yaml --set sweep.grid.seed=[1] --name table2-s1 --dry-run
     python jobs/sweep.py --set sweep.grid.method.lora.seed=[3] --name demo-lora3   # one row's seeds
     python jobs/sweep.py --resume                         # continue the demo sweep where it stopped
+    python jobs/sweep.py --resume --retry-failed          # ... and run its failed trials again
 
 The YAML's base values are each trial's run (as `jobs/train.py` reads them); its `sweep:` section
 says what varies (orchestrator/sweep.py documents it). Without $RAY_ADDRESS a local Ray starts on
 127.0.0.1; under `ray job submit` the job's cluster is used. Exit status: 0 all trials finished,
-1 a trial failed or the sweep could not run, 2 a config error (nothing was started).
+1 a trial failed or the sweep could not run, 2 a config or usage error (nothing was started).
+
+One driver per sweep: a second start of a sweep that runs (`--resume` included) is refused at
+once, naming the lock file and the driver that holds it. A sweep that cannot run (the cluster
+too small for one trial, a scheduler setting Ray Tune refuses) is refused before its state or its
+MLflow parent run exist; one that fails later ends its parent run FAILED with the reason, and
+`--resume` goes on once the cause is fixed. `--resume` does not run failed trials again (a NaN
+loss would fail again); `--resume --retry-failed` does, each in the same MLflow run (FAILED, then
+RUNNING again), from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -57,7 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue the sweep of this name: finished trials are not run again",
     )
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: run the failed trials again, each from its last checkpoint, in the same MLflow run",
+    )
     args = parser.parse_args(argv)
+    if args.retry_failed and not args.resume:
+        parser.error(
+            "--retry-failed needs --resume (it retries the failed trials of a sweep that ran)"
+        )
 
     from orchestrator.sweep_config import SweepError, describe, plan_sweep
 
@@ -73,11 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
+    from orchestrator.preflight import check_run_data
     from orchestrator.sweep import mlflow_ui_hint, results_table, run_sweep
+
+    try:  # every trained trial's prompts fit its task.max_length: before anything starts
+        for trial in plan.trials:
+            if trial.tuned:
+                check_run_data(trial.run)
+        if plan.sweep.search == "optuna":
+            check_run_data(plan.base)
+    except MeLoraError as err:
+        print(f"config error: {shorten_message(str(err))}", file=sys.stderr)
+        return 2
 
     start = time.monotonic()
     try:
-        outcome = run_sweep(plan, resume=args.resume)
+        outcome = run_sweep(plan, resume=args.resume, retry_failed=args.retry_failed)
     except (SweepError, MeLoraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -87,16 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         f"\nsweep {plan.name}: {time.monotonic() - start:.0f} s; MLflow parent run {outcome.parent_run_id}"
     )
     print(f"compare the runs: {mlflow_ui_hint(plan.tracking_uri)}")
+    again = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
+    again = f"python jobs/sweep.py --config {args.config} {again} --name {plan.name} --resume"
     if outcome.unfinished:
-        again = " ".join(f"--set {shlex.quote(o)}" for o in args.overrides)
         print(
-            f"{len(outcome.unfinished)} trials did not finish: continue with\n"
-            f"  python jobs/sweep.py --config {args.config} {again} --name {plan.name} --resume",
+            f"{len(outcome.unfinished)} trials did not finish: continue with\n  {again}",
             file=sys.stderr,
         )
         return 1
     if outcome.failed:
-        print(f"{len(outcome.failed)} of {len(outcome.trials)} trials failed", file=sys.stderr)
+        print(
+            f"{len(outcome.failed)} of {len(outcome.trials)} trials failed; once the cause is "
+            f"fixed, run them again with\n  {again} --retry-failed",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

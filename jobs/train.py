@@ -3,7 +3,17 @@
     python jobs/train.py --config jobs/configs/demo.yaml [--set key=value ...]
 
 The experiment file's base values are the run; its `sweep:` section (if any) is ignored here.
-Without $RAY_ADDRESS a local Ray starts on 127.0.0.1; rerunning the same run name resumes it.
+Without $RAY_ADDRESS a local Ray starts on 127.0.0.1.
+
+Rerunning a run name (its Ray Train folder <tracking.storage_path>/<name> keeps the MLflow run id):
+- a run that did not finish (killed, FAILED) resumes from its last checkpoint in the same MLflow run;
+- a FINISHED run with the same config is not trained again: its metrics are printed (exit 0);
+- a run made with another config (e.g. another adapter.sigma_p) is refused, naming the changed
+  params, before anything changes in MLflow (exit 2): give the new config another name
+  (--set name=...), or delete the run's Ray Train folder to train it as a new MLflow run.
+A FINISHED run never changes status. While a run trains, a second start of it is refused.
+Exit status: 0 trained (or finished before), 1 the run failed or could not start, 2 a config error
+or a refused rerun (nothing was started).
 """
 
 from __future__ import annotations
@@ -40,11 +50,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {shorten_message(str(err))}", file=sys.stderr)
         return 2
 
-    from orchestrator.trainer import RunFailedError, fit_run, init_ray
+    from orchestrator.preflight import check_run_data
+    from orchestrator.trainer import (
+        RunConflictError,
+        RunFailedError,
+        finished_run,
+        fit_run,
+        init_ray,
+        run_lock,
+    )
 
-    init_ray()
+    try:  # the prompts fit task.max_length, the answers are tokens: before anything is written
+        check_run_data(run)
+    except MeLoraError as err:
+        print(f"config error: {shorten_message(str(err))}", file=sys.stderr)
+        return 2
     try:
-        result = fit_run(run)
+        with run_lock(run):
+            result = finished_run(run)  # before Ray starts: a finished run has nothing to do
+            if result is not None:
+                print(
+                    f"run {run.run_name} finished before (MLflow run {result.mlflow_run_id}): "
+                    "not trained again"
+                )
+            else:
+                init_ray()
+                result = fit_run(run)
+    except RunConflictError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (RunFailedError, MeLoraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

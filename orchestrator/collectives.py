@@ -42,3 +42,16 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     on_device = tensor.to(collective_device(), copy=True)
     dist.broadcast(on_device, src=src)
     return on_device.to(tensor.device)
+
+
+def first_error(reason: str | None) -> str | None:
+    """Every rank's `reason` gathered: the lowest rank's non-None one, or None when no rank failed.
+
+    Lets all ranks stop together after an error that some rank alone may have met, instead of
+    the others waiting in the next collective for a rank that has gone.
+    """
+    if not distributed():
+        return reason
+    reasons: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return next((r for r in reasons if r is not None), None)

@@ -20,10 +20,22 @@ the config hash) and `runs/<run name>/` (each trial's Ray Train run with its MLf
 is FINISHED reports it instead of training), unfinished ones call fit_run again, which resumes
 from the last checkpoint in the same MLflow run.
 
+One driver per sweep, all or nothing: `run_sweep` holds a lock on `<storage>/<sweep>/sweep.lock`
+(a POSIX lock, state_files.exclusive: it works on EFS/NFS and dies with its process) from its
+first step to its last, so a second start of the same sweep, `--resume` included, is refused at
+once naming the holder. Everything that can be checked is checked before the state is written or
+the parent run is made (the state, the scheduler, MLflow reachable, the cluster holding one
+trial); a refused sweep leaves neither. A failure after that ends the parent run FAILED with the
+reason, and `--resume` goes on once the cause is fixed. The parent run is made once, like a
+training run's (trainer.create_run_once): a start id in sweep.json first, then the run id.
+`tracking.storage_path` is always a folder here (plan_sweep refuses URIs).
+
 A failed trial: fit_run marks its MLflow run FAILED with the reason and raises; the error reaches
 Tune, which records the trial as ERROR and goes on (`fail_fast=False`). The parent run ends FAILED
-naming the failed trials; `--resume` does not retry them (a NaN loss would fail again). A trial
-that ASHA stops is marked KILLED in MLflow, with the step it reached.
+naming the failed trials; `--resume` does not retry them (a NaN loss would fail again), but
+`--resume --retry-failed` does: Tune resumes its errored trials, each trial's fit_run resumes the
+same (FAILED) MLflow run from its last checkpoint, and the parent run ends FINISHED when they all
+finish. A trial that ASHA stops is marked KILLED in MLflow, with the step it reached.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +53,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from melora.errors import MeLoraError
-from orchestrator import tracking
+from orchestrator import state_files, tracking
 from orchestrator.config import RunConfig
 from orchestrator.redaction import redact
 from orchestrator.sweep_config import (
@@ -56,6 +69,7 @@ from orchestrator.sweep_config import (
 )
 
 STATE_FILE = "sweep.json"
+LOCK_FILE = "sweep.lock"
 TABLE_METRICS = ("acc", "ece", "nll")
 TABLE_SAMPLES = (0, 10)
 
@@ -103,62 +117,128 @@ def run_sweep(
     address: str | None = None,
     trainable=None,
     evaluate_ensembles: bool = True,
+    retry_failed: bool = False,
 ) -> SweepOutcome:
     """Run (or with `resume`, continue) the sweep on Ray Tune, then evaluate its ENS trials from
-    their members' runs; returns what MLflow has at the end.
+    their members' runs; returns what MLflow has at the end. `retry_failed` (with `resume`) runs
+    the trials that failed again, each in the same MLflow run, from its last checkpoint.
 
+    The module docstring says how a start is made exclusive and all or nothing.
     `trainable` replaces the trial body, `train_trial` by default (same signature: config, plan);
     benchmarks/sweep_scheduling.py passes a placeholder that only holds a trial's resources, and
     `evaluate_ensembles=False` (its placeholders leave no member runs to evaluate).
     """
     from orchestrator.trainer import init_ray
 
-    state = _read_state(plan)
-    if state and not resume:
+    if retry_failed and not resume:
         raise SweepError(
-            f"sweep {plan.name!r} exists already ({plan.sweep_dir}): pass --resume to continue it, "
-            "or --name to start another"
+            "retry_failed needs resume: failed trials are retried by --resume --retry-failed"
         )
-    if state and state.get("config_hash") != plan.config_hash():
-        raise SweepError(
-            f"sweep {plan.name!r} was started with another config (hash {state.get('config_hash')}, now "
-            f"{plan.config_hash()}): --resume needs the same config file and --set values; use --name for a new sweep"
-        )
+    hint = (
+        "Two drivers would run its trials twice into one state folder: wait for it to end, or "
+        "stop it first (then --resume); to run another sweep beside it, use --name"
+    )
+    with state_files.exclusive(plan.sweep_dir / LOCK_FILE, f"sweep {plan.name!r}", hint):
+        state = _read_state(plan)
+        started = bool(state and state.get("parent_run_id"))
+        if started and not resume:
+            raise SweepError(
+                f"sweep {plan.name!r} exists already ({plan.sweep_dir}): pass --resume to continue "
+                "it, or --name to start another"
+            )
+        if state and state.get("config_hash") != plan.config_hash():
+            raise SweepError(
+                f"sweep {plan.name!r} was started with another config (hash {state.get('config_hash')}, now "
+                f"{plan.config_hash()}): --resume needs the same config file and --set values; use --name for a new sweep"
+            )
+        _check_scheduler(plan)
+        uri = plan.tracking_uri
+        tracking.check_reachable(uri)
+        init_ray(address)
+        import ray
+
+        concurrency = plan.max_concurrent(ray.cluster_resources())  # SweepError: too small
+        experiment_id = tracking.ensure_experiment(uri, plan.base.tracking.experiment)
+        parent = _open_parent(plan, state or {}, experiment_id)
+        try:
+            _log_plan(plan, parent)  # again on --resume: equal values, and a start cut short here
+            print(
+                f"[sweep] {plan.name}: {plan.num_trials} trials, at most {concurrency} at once; "
+                f"MLflow parent run {parent}",
+                flush=True,
+            )
+            restore = started and _can_restore(plan)
+            tuner = _tuner(plan, parent, concurrency, restore, trainable, retry_failed=retry_failed)
+            tuner.fit()  # trial failures are in MLflow and in Tune's saved experiment, read back next
+            errors = ensemble_step(plan, parent) if evaluate_ensembles else {}
+            outcome = collect(plan, parent, errors)
+            _finish_parent(outcome)
+        except BaseException as err:
+            _fail_parent(plan, parent, err)
+            raise
+    return outcome
+
+
+def _open_parent(plan: SweepPlan, state: Mapping[str, Any], experiment_id: str) -> str:
+    """The sweep's MLflow parent run: the recorded one resumed (RUNNING again), else made once
+    (trainer.create_run_once: a start id in sweep.json first, then the run id)."""
+    from orchestrator.trainer import create_run_once
+
     uri = plan.tracking_uri
-    tracking.check_reachable(uri)
-    experiment_id = tracking.ensure_experiment(uri, plan.base.tracking.experiment)
-    parent = tracking.start_or_resume_run(
+    if state.get("parent_run_id"):
+        return tracking.start_or_resume_run(uri, experiment_id, run_id=state["parent_run_id"])
+    parent, start_id, _ = create_run_once(
         uri,
         experiment_id,
-        run_id=state.get("parent_run_id") if state else None,
-        run_name=plan.name,
-        tags={
+        plan.name,
+        {
             "sweep": plan.name,
             "kind": "sweep",
             "config_hash": plan.config_hash(),
             "git_sha": tracking.git_sha(),
         },
+        None,
+        state.get("start_id"),
+        lambda pending: _write_state(plan, None, pending["start_id"]),
+        plan.sweep_dir / STATE_FILE,
     )
-    if not state:
-        _write_state(plan, parent)
-        _log_plan(plan, parent)
+    tracking.start_or_resume_run(uri, experiment_id, run_id=parent)  # an adopted one: RUNNING
+    _write_state(plan, parent, start_id)
+    return parent
 
-    init_ray(address)
-    import ray
 
-    concurrency = plan.max_concurrent(ray.cluster_resources())
-    print(
-        f"[sweep] {plan.name}: {plan.num_trials} trials, at most {concurrency} at once; "
-        f"MLflow parent run {parent}",
-        flush=True,
+def _check_scheduler(plan: SweepPlan) -> None:
+    """Build the scheduler and the searcher once before anything is written: a setting that Tune
+    refuses fails here, as a SweepError naming it, not after the sweep's state exists."""
+    try:
+        _scheduler_and_search(plan)
+    except (AssertionError, ValueError, TypeError) as err:
+        s = plan.sweep
+        raise SweepError(
+            f"sweep.scheduler={s.scheduler} / sweep.search={s.search} cannot work with these "
+            f"settings (sweep.asha={s.asha}, sweep.metric={s.metric}): Ray Tune refuses them "
+            f"({type(err).__name__}: {err}); change them and start again"
+        ) from None
+
+
+def _fail_parent(plan: SweepPlan, parent: str, err: BaseException) -> None:
+    """End the parent run FAILED (KILLED on Ctrl-C) with the reason and how to go on, without
+    hiding `err` when MLflow is what failed."""
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    reason = (
+        f"the sweep driver stopped: {type(err).__name__}: {err}; fix the cause, then continue "
+        f"with jobs/sweep.py --name {plan.name} --resume (same --config and --set values)"
     )
-    restore = bool(state) and _can_restore(plan)
-    tuner = _tuner(plan, parent, concurrency, restore=restore, trainable=trainable)
-    tuner.fit()  # trial failures are in MLflow and in Tune's saved experiment, read back next
-    errors = ensemble_step(plan, parent) if evaluate_ensembles else {}
-    outcome = collect(plan, parent, errors)
-    _finish_parent(outcome)
-    return outcome
+    try:
+        with tracking.short_calls():
+            tracking.set_terminated(plan.tracking_uri, parent, status, reason)
+    except Exception as mlflow_err:
+        print(
+            f"[sweep] warning: the MLflow parent run {parent} could not be marked {status} "
+            f"({type(mlflow_err).__name__}: {tracking.redact_text(str(mlflow_err))})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def ensemble_step(plan: SweepPlan, parent_run_id: str) -> dict[str, str]:
@@ -247,6 +327,8 @@ class CloseStoppedRuns(tune.Callback):
     """Driver side, while the sweep runs: a trial that ends with its MLflow run RUNNING was stopped
     (ASHA kills the trial's process, so fit_run never ends the run: KILLED, with the step it
     reached) or lost its process (FAILED). `collect` settles races with the dying process at the end.
+    MLflow unreachable here is a warning, not an error (one short try per call, so that Tune's loop
+    is not held for MLflow's minutes of retries): `collect` settles those runs at the end too.
     """
 
     def __init__(self, plan: dict[str, Any]) -> None:
@@ -264,8 +346,17 @@ class CloseStoppedRuns(tune.Callback):
 
         run_id = recorded_run_id(_trial_run(trial.config, self.plan))
         uri = self.plan["tracking_uri"]
-        if run_id and tracking.read_run(uri, run_id)[0] == "RUNNING":
-            tracking.set_terminated(uri, run_id, status, reason)
+        try:
+            with tracking.short_calls():
+                if run_id and tracking.read_run(uri, run_id)[0] == "RUNNING":
+                    tracking.set_terminated(uri, run_id, status, reason)
+        except Exception as err:  # a callback that raises would stop the whole sweep
+            print(
+                f"[sweep] warning: MLflow run {run_id} of trial {trial.trial_id} could not be "
+                f"marked {status} ({type(err).__name__}: {tracking.redact_text(str(err))}); "
+                "it is settled when the sweep ends",
+                flush=True,
+            )
 
 
 def selected_validation(uri: str, run_id: str, metrics: Mapping[str, float]) -> dict[str, float]:
@@ -443,10 +534,20 @@ def _trial_run(config: Mapping[str, Any], plan: Mapping[str, Any]) -> RunConfig:
     return RunConfig.from_dict(plan["base"]).with_overrides({**values, "name": name})
 
 
-def _tuner(plan: SweepPlan, parent_run_id: str, concurrency: int, restore: bool, trainable=None):
+def _tuner(
+    plan: SweepPlan,
+    parent_run_id: str,
+    concurrency: int,
+    restore: bool,
+    trainable=None,
+    retry_failed: bool = False,
+):
     """A new Tuner for the sweep, or Tune's saved experiment restored (--resume).
 
     `trainable`: the trial body (default `train_trial`), given the sweep's plain data as `plan`.
+    `retry_failed`: errored trials run again (Tune's `resume_errored`: from the trial's last Tune
+    checkpoint; ours report none, so the trial body starts again and its fit_run resumes the
+    trial's Ray Train run from its own last checkpoint, in the same MLflow run).
     """
     data = _plan_data(plan, parent_run_id)
     trainable = tune.with_resources(
@@ -455,18 +556,11 @@ def _tuner(plan: SweepPlan, parent_run_id: str, concurrency: int, restore: bool,
     )
     if restore:
         return tune.Tuner.restore(
-            str(plan.sweep_dir), trainable, resume_unfinished=True, resume_errored=False
+            str(plan.sweep_dir), trainable, resume_unfinished=True, resume_errored=retry_failed
         )
     s = plan.sweep
-    scheduler = search_alg = None
-    if s.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(metric=s.metric, mode=plan.mode, **plan.asha_args())
+    scheduler, search_alg = _scheduler_and_search(plan)
     if s.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(metric=s.metric, mode=plan.mode, seed=s.search_seed)
         param_space = {k: _tune_domain(d) for k, d in s.space.items()}
         num_samples = s.num_samples
     else:
@@ -496,6 +590,21 @@ def _tuner(plan: SweepPlan, parent_run_id: str, concurrency: int, restore: bool,
     )
 
 
+def _scheduler_and_search(plan: SweepPlan) -> tuple[Any, Any]:
+    """Tune's (scheduler, search algorithm) of the sweep; None for FIFO and for the grid."""
+    s = plan.sweep
+    scheduler = search_alg = None
+    if s.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(metric=s.metric, mode=plan.mode, **plan.asha_args())
+    if s.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=s.metric, mode=plan.mode, seed=s.search_seed)
+    return scheduler, search_alg
+
+
 def _can_restore(plan: SweepPlan) -> bool:
     return tune.Tuner.can_restore(str(plan.sweep_dir))
 
@@ -511,22 +620,31 @@ def _tune_domain(dist: Mapping[str, Any]):
 
 # ----- helpers: MLflow and state ----------------------------------------------------------------
 def _read_state(plan: SweepPlan) -> dict[str, Any] | None:
+    """sweep.json, or None before the sweep's first start; a damaged one is a StateFileError
+    naming the file and what to do."""
     path = plan.sweep_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return state_files.read_json(
+        path,
+        f"the sweep's state is damaged. Its MLflow parent run is the run named {plan.name} with "
+        f"tag kind=sweep; move the folder {plan.sweep_dir} away to start the sweep again, or "
+        "start it under another --name",
+    )
 
 
-def _write_state(plan: SweepPlan, parent_run_id: str) -> None:
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+def _write_state(plan: SweepPlan, parent_run_id: str | None, start_id: str | None = None) -> None:
+    """sweep.json, whole or not at all; `parent_run_id` None: the start id alone, written just
+    before the parent run is made (trainer.create_run_once)."""
     state = {
         "name": plan.name,
         "parent_run_id": parent_run_id,
+        "start_id": start_id,
         "config_hash": plan.config_hash(),
         "tracking_uri": tracking.redact_uri(plan.tracking_uri),
         "source": plan.source,
     }
-    tmp = plan.sweep_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(plan.sweep_dir / STATE_FILE)  # whole or not at all
+    state_files.write_json(plan.sweep_dir / STATE_FILE, state)
 
 
 def _log_plan(plan: SweepPlan, parent_run_id: str) -> None:

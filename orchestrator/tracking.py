@@ -12,11 +12,19 @@ rank 0 of the workers logs to that run id, and a restarted worker reuses it.
     log_params(uri, run_id, cfg.flat_params())
     log_metrics(uri, run_id, {"train/nll": 0.7, "train/kl": 12.0}, step=10)
     set_terminated(uri, run_id, "FAILED", reason="train/nll is nan at step 37")
+
+MLflow outages (a tracking server that goes away mid-run): rank 0 logs its metrics through a
+`MetricSpool`, which writes each record to disk before sending it and keeps what it cannot send
+for later, so that a down server costs no metric point and blocks no training step; `short_calls`
+bounds each MLflow HTTP call (MLflow's own defaults retry for minutes), `call_until` retries a
+call for a bounded time, and `flush_pending` sends a spool left behind by a run that ended while
+the server was down.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import posixpath
 import re
@@ -24,7 +32,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from melora.errors import MeLoraError
+from orchestrator import state_files
 from orchestrator.config import TrackingConfig
 from orchestrator.redaction import is_secret_key, redact_text, redact_uri
 
@@ -142,8 +152,8 @@ def start_or_resume_run(
 ) -> str:
     """Create the run once (with `tags`, under `parent_run_id` if given), or resume `run_id`.
 
-    Resuming never creates a second run: it checks that `run_id` exists in `experiment_id` and
-    sets its status back to RUNNING. Store the returned id with the Ray Train run and pass it on
+    Resuming never creates a second run: it checks that `run_id` exists in `experiment_id`, sets
+    its status back to RUNNING and removes a `failure_reason` tag left by an earlier failure. Store the returned id with the Ray Train run and pass it on
     every restart.
     """
     client = _client(uri)
@@ -160,6 +170,8 @@ def start_or_resume_run(
             )
         if run.info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
+        if "failure_reason" in run.data.tags:  # a FAILED run retried: the old reason is history
+            client.delete_tag(run_id, "failure_reason")
         return run_id
     clean = {
         k: _truncate(redact_text(str(v)), MAX_TAG_LENGTH)
@@ -194,15 +206,16 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> list[str]:
     Re-logging an equal value (a resumed run) is fine; MLflow refuses a changed one.
     """
     dropped = [k for k in params if is_secret_key(k)]
-    items = [
-        Param(_check_name(k), _truncate(redact_text(str(v)), MAX_PARAM_LENGTH))
-        for k, v in params.items()
-        if k not in dropped
-    ]
+    items = [Param(_check_name(k), param_text(v)) for k, v in params.items() if k not in dropped]
     client = _client(uri)
     for i in range(0, len(items), PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
     return dropped
+
+
+def param_text(value: Any) -> str:
+    """A param value as `log_params` writes it: text, URI credentials redacted, cut to 6000."""
+    return _truncate(redact_text(str(value)), MAX_PARAM_LENGTH)
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
@@ -329,6 +342,305 @@ def eval_metric_key(split: str, task: str, metric: str, n_samples: int) -> str:
     if split not in ("test", "ood"):
         raise ValueError(f"split={split!r}: final metrics are 'test' or 'ood'")
     return _check_name(f"{split}/{task}/{metric}_n{n_samples}")
+
+
+# ----- outages: bounded calls, and rank 0's metrics spooled on disk -----------------------------
+CALL_TIMEOUT_S = 10  # one MLflow HTTP call of the workers: seconds to connect and for each answer
+ARTIFACT_TIMEOUT_S = 60  # one artifact upload (a 13B model's adapter is tens of MB)
+FLUSH_WAIT_ENV = "MELORA_MLFLOW_FLUSH_WAIT_S"
+MARK_FAILED_WAIT_S = 30.0  # the driver marking a failed run FAILED (fit_run, the sweep callbacks)
+DEFAULT_FLUSH_WAIT_S = 300.0
+PENDING_FILE = "mlflow_pending.jsonl"
+SENT_FILE = "mlflow_sent.json"
+BACKOFF_S = (1.0, 30.0)  # a failing spool tries again after 1 s, doubling up to 30 s
+_TRANSIENT = frozenset(
+    {
+        "INTERNAL_ERROR",  # also what MLflow's client makes of a refused connection or a 5xx
+        "TEMPORARILY_UNAVAILABLE",
+        "IO_ERROR",
+        "SERVICE_UNDER_MAINTENANCE",
+        "DEADLINE_EXCEEDED",
+        "REQUEST_LIMIT_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+        "ABORTED",
+        "COULD_NOT_ACQUIRE_LOCK",
+        "UNPARSEABLE_HTTP_ERROR",  # a proxy's error page
+    }
+)
+
+
+@contextmanager
+def short_calls(timeout_s: int = CALL_TIMEOUT_S) -> Iterator[None]:
+    """Inside the block, each MLflow HTTP request of this process is tried once and waits at most
+    `timeout_s` seconds to connect and for each answer.
+
+    By default MLflow 3.17 retries a failed request 7 times with exponential back-off (factor 2)
+    and a 120 s timeout: minutes per call while a server is down. It reads
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR and _TIMEOUT at every request
+    (`mlflow.utils.rest_utils.http_request`), so setting them around a call bounds it; they are
+    restored after. They are the process's variables: other threads making MLflow calls at the
+    same time get the short limits too.
+    """
+    limits = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, int(timeout_s))),
+    }
+    saved = {name: os.environ.get(name) for name in limits}
+    os.environ.update(limits)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a failed MLflow call may succeed when tried again later: the server down or slow,
+    a timeout, a 5xx answer, rate limiting. A refusal (a bad value, no such run, no permission)
+    is not: a retry would fail the same way."""
+    if isinstance(err, MlflowException):
+        return err.error_code in _TRANSIENT
+    return isinstance(err, OSError)  # requests' errors are OSErrors
+
+
+def call_until(
+    fn: Callable[[], Any], wait_s: float, timeout_s: int = CALL_TIMEOUT_S, every_s: float = 1.0
+) -> Any:
+    """`fn()` under `short_calls(timeout_s)`, tried again every `every_s` seconds after a transient
+    error (`is_transient`) until it succeeds or `wait_s` seconds have passed (one try at least);
+    then the last error is raised. A refusal is raised at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with short_calls(timeout_s):
+                return fn()
+        except Exception as err:
+            if not is_transient(err) or time.monotonic() + every_s > deadline:
+                raise
+        time.sleep(every_s)
+
+
+def flush_wait_s() -> float:
+    """How long the end of a run waits for MLflow to take what is pending (metrics, artifacts,
+    the final status): $MELORA_MLFLOW_FLUSH_WAIT_S seconds, 300 by default. Set it where the
+    workers run (a cluster's nodes; a local Ray inherits the driver's environment)."""
+    raw = os.environ.get(FLUSH_WAIT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_FLUSH_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and value != float("inf")):
+        raise TrackingError(
+            f"{FLUSH_WAIT_ENV}={raw[:40]!r} is not a number of seconds >= 0: unset it (300 s) or "
+            "set for example 600"
+        )
+    return value
+
+
+class MetricSpool:
+    """Rank 0's metrics, on disk first and then in MLflow: an outage loses no point and blocks no step.
+
+    `folder` is the Ray Train run's folder (beside its checkpoints and melora_run.json), where a
+    restarted worker finds it, on any node of a shared storage:
+      mlflow_pending.jsonl  append-only, one line per `add`: {"seq": n, "step": s, "timestamp": ms,
+                            "metrics": {key: value}}; opened, appended and closed each time (on
+                            NFS/EFS the close makes the line visible to the other nodes)
+      mlflow_sent.json      {"run_id": ..., "sent": n}: MLflow has every record up to seq n;
+                            replaced atomically (temp file + rename) after each successful log_batch
+    Records are sent in order, each metric with the timestamp and step it was logged with; a new
+    spool (a restarted worker, `flush_pending`) first sends the records after `sent`. A record is
+    sent twice only when the process dies between MLflow's answer and the rename; that repeat is
+    exact (same key, value, timestamp and step), which MLflow's SQL stores ignore (it is their
+    metrics' primary key), so each point is in the history once.
+    While sending fails with a transient error (`is_transient`), `add` only appends and tries
+    again after a back-off (1 s, doubling up to 30 s): a down server costs at most one short call
+    (`short_calls`) per back-off. A refusal (for example a deleted run) raises TrackingError.
+    `flush(wait_s)` tries until everything is sent or `wait_s` seconds have passed.
+    A spool left by another MLflow run id (a new MLflow run under the same run name) is moved
+    into the subfolder `mlflow_spool_<its run id>` when it holds unsent records (`flush_pending`
+    sends them), else removed. A torn last line (the process died while writing it) is dropped.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, uri: str, run_id: str, timeout_s: int = CALL_TIMEOUT_S
+    ) -> None:
+        self.folder, self.uri, self.run_id, self.timeout_s = Path(folder), uri, run_id, timeout_s
+        self.path, self.marker = self.folder / PENDING_FILE, self.folder / SENT_FILE
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.last_error: BaseException | None = None
+        self._backoff, self._retry_at = BACKOFF_S[0], 0.0
+        owner, sent = _read_sent_marker(self.marker)
+        records = self._read_records()
+        if owner is not None and owner != run_id:
+            self._set_aside(owner, any(r["seq"] > sent for r in records))
+            owner, sent, records = None, 0, []
+        self.sent = sent
+        self.pending = [r for r in records if r["seq"] > sent]
+        self.next_seq = max([sent, *(r["seq"] for r in records)]) + 1
+        if owner is None:
+            self._write_marker(sent)
+
+    def add(self, metrics: Mapping[str, Any], step: int) -> bool:
+        """Write one record (every name checked first: a bad name is a ValueError and nothing is
+        written), then try to send what is pending; True when MLflow has everything."""
+        values = {_check_name(k): float(v) for k, v in metrics.items()}
+        if values:
+            record = {
+                "seq": self.next_seq,
+                "step": int(step),
+                "timestamp": int(time.time() * 1000),
+                "metrics": values,
+            }
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            self.next_seq += 1
+            self.pending.append(record)
+        return self.send()
+
+    def send(self, now: bool = False) -> bool:
+        """Send the pending records in order, unless a back-off is running (`now` ignores it);
+        True when MLflow has everything."""
+        if not self.pending:
+            return True
+        if not now and time.monotonic() < self._retry_at:
+            return False
+        client = _client(self.uri)
+        try:
+            while self.pending:
+                batch, size = [], 0
+                for record in self.pending:
+                    if batch and size + len(record["metrics"]) > METRICS_PER_BATCH:
+                        break
+                    batch.append(record)
+                    size += len(record["metrics"])
+                items = [
+                    Metric(key, value, r["timestamp"], r["step"])
+                    for r in batch
+                    for key, value in r["metrics"].items()
+                ]
+                with short_calls(self.timeout_s):
+                    for i in range(0, len(items), METRICS_PER_BATCH):
+                        client.log_batch(self.run_id, metrics=items[i : i + METRICS_PER_BATCH])
+                self._write_marker(batch[-1]["seq"])
+                del self.pending[: len(batch)]
+        except Exception as err:
+            if not is_transient(err):
+                raise TrackingError(
+                    f"MLflow at {redact_uri(self.uri)} refused the metrics of run {self.run_id}: "
+                    f"{redact_text(str(err))}. {self.unsent_message()}"
+                ) from err
+            self.last_error = err
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(2 * self._backoff, BACKOFF_S[1])
+            return False
+        self.last_error, self._backoff, self._retry_at = None, BACKOFF_S[0], 0.0
+        return True
+
+    def flush(self, wait_s: float) -> bool:
+        """Try to send everything, every second, for up to `wait_s` seconds (plus one call's
+        timeout); True when MLflow has everything."""
+        deadline = time.monotonic() + wait_s
+        while not self.send(now=True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(1.0, left))
+        return True
+
+    def unsent_message(self) -> str:
+        """What is left and how to send it later."""
+        return (
+            f"{len(self.pending)} metric records of MLflow run {self.run_id} are kept in "
+            f"{self.path}; once the server is back, rerun the same command (the run resumes from "
+            "its last checkpoint in the same MLflow run and sends them first), or send them "
+            'alone: python -c "from orchestrator import tracking; '
+            f"tracking.flush_pending('{self.folder}', '<tracking URI>')\""
+        )
+
+    def _read_records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        if lines[-1]:  # no newline at the end: the writer died in the middle of this line
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+        records = []
+        for number, line in enumerate(lines[:-1], 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                record = {
+                    "seq": int(raw["seq"]),
+                    "step": int(raw["step"]),
+                    "timestamp": int(raw["timestamp"]),
+                    "metrics": {_check_name(k): float(v) for k, v in raw["metrics"].items()},
+                }
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise TrackingError(
+                    f"{self.path} line {number} is not a metric record ({err}): the file is "
+                    "damaged; move it away to start a new spool (its unsent records are then lost)"
+                ) from None
+            records.append(record)
+        return records
+
+    def _write_marker(self, sent: int) -> None:
+        state_files.write_json(self.marker, {"run_id": self.run_id, "sent": sent})
+        self.sent = sent
+
+    def _set_aside(self, owner: str, unsent: bool) -> None:
+        if not unsent:
+            self.path.unlink(missing_ok=True)
+            self.marker.unlink(missing_ok=True)
+            return
+        aside = self.folder / f"mlflow_spool_{owner}"
+        aside.mkdir(exist_ok=True)
+        for file in (self.path, self.marker):
+            if file.exists():
+                os.replace(file, aside / file.name)
+
+
+def _read_sent_marker(marker: Path) -> tuple[str | None, int]:
+    """(run id, last sent seq) of a spool's mlflow_sent.json; (None, 0) without one."""
+    if not marker.is_file():
+        return None, 0
+    try:
+        data = json.loads(marker.read_text())
+        return str(data["run_id"]), int(data["sent"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise TrackingError(
+            f"{marker} is damaged ({err}): delete it to send every record of {marker.parent / PENDING_FILE} "
+            "again (MLflow's SQL stores ignore the exact repeats)"
+        ) from None
+
+
+def flush_pending(folder: str | os.PathLike, uri: str, wait_s: float = 0.0) -> int:
+    """Send the metrics that a run left in its spool `folder` (the Ray Train run's folder, or an
+    `mlflow_spool_<run id>` folder set aside in it) to the MLflow run named in its
+    mlflow_sent.json at `uri`; returns how many records were sent. Raises TrackingError when some
+    are still unsent after `wait_s` seconds. The run's status is not changed."""
+    folder = Path(folder)
+    run_id, _ = _read_sent_marker(folder / SENT_FILE)
+    if run_id is None:
+        raise TrackingError(
+            f"{folder / SENT_FILE} not found: {folder} holds no MLflow spool (give the Ray Train "
+            "run's folder, <storage_path>/<run name>)"
+        )
+    spool = MetricSpool(folder, uri, run_id)
+    count = len(spool.pending)
+    if not spool.flush(wait_s):
+        raise TrackingError(
+            f"MLflow at {redact_uri(uri)} cannot be reached ({redact_text(str(spool.last_error))}): "
+            + spool.unsent_message()
+        )
+    return count
 
 
 # ----- helpers ----------------------------------------------------------------------------------

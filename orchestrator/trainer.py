@@ -10,23 +10,37 @@ logs to the same run.
 
 from __future__ import annotations
 
-import json
 import os
+import re
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from melora.errors import ConfigError, MeLoraError
-from orchestrator import tracking
+from orchestrator import state_files, tracking
 from orchestrator.config import RunConfig
+from orchestrator.preflight import check_run_data
+from orchestrator.redaction import is_secret_key
 from orchestrator.worker import train_loop_per_worker
 
 RUN_MARKER = "melora_run.json"
+RUN_LOCK = "melora_run.lock"  # beside the marker: held by jobs/train.py while the run trains
+# the tag that finds a run made by a start that died before recording its id (create_run_once)
+START_TAG = "melora.start_id"
+_RUN_ID = re.compile(r"[\w-]{1,64}")  # what a recorded MLflow run id or start id may be
 _started_local_ray = False  # set by init_ray: the Ray cluster is this machine alone
 
 
 class RunFailedError(MeLoraError, RuntimeError):
     """The training run failed; the MLflow run is marked FAILED with the reason."""
+
+
+class RunConflictError(MeLoraError):
+    """The run's recorded MLflow run cannot be resumed as asked: it FINISHED, or it was made with
+    another config; nothing was changed in MLflow."""
 
 
 @dataclass
@@ -62,30 +76,187 @@ def run_tags(run: RunConfig, sweep: str | None = None) -> dict[str, str]:
 def prepare_tracking(
     run: RunConfig, parent_run_id: str | None = None, sweep: str | None = None
 ) -> tuple[str, str]:
-    """(tracking URI, MLflow run id): reachable, experiment created, run created once or resumed, params logged."""
+    """(tracking URI, MLflow run id): reachable, experiment created, run created once or resumed,
+    params logged.
+
+    The run's marker (`melora_run.json` beside its Ray Train folder) records the MLflow run id,
+    so that a restart resumes the same run; `create_run_once` makes a kill between creating the
+    run and recording its id harmless (the next start adopts that run). A recorded run is checked
+    before anything in MLflow changes (`check_rerun`): one made with other params is refused, and
+    a FINISHED run is never resumed (RunConflictError; its status stays FINISHED). With remote
+    storage (s3://) there is no marker: every start makes a new MLflow run.
+    """
     uri = tracking.resolve_tracking_uri(run.tracking)
     tracking.check_reachable(uri)
     experiment_id = tracking.ensure_experiment(uri, run.tracking.experiment)
-    marker = _marker_path(run)
-    previous = (
-        json.loads(marker.read_text())["mlflow_run_id"] if marker and marker.is_file() else None
-    )
-    run_id = tracking.start_or_resume_run(
-        uri,
-        experiment_id,
-        run_id=previous,
-        run_name=run.run_name,
-        tags=run_tags(run, sweep),
-        parent_run_id=parent_run_id,
-    )
-    if marker and previous is None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(
-            json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking.redact_uri(uri)}) + "\n"
+    marker, tags = _marker_path(run), run_tags(run, sweep)
+    if marker is None:
+        run_id = tracking.start_or_resume_run(
+            uri, experiment_id, run_name=run.run_name, tags=tags, parent_run_id=parent_run_id
         )
+    else:
+        recorded = _read_marker(marker) if marker.is_file() else {}
+        run_id, adopted = recorded.get("mlflow_run_id"), True
+        if run_id is None:
+
+            def record(state: dict[str, str]) -> None:  # "mlflow_run_id": null until it is known
+                state_files.write_json(
+                    marker,
+                    {"mlflow_run_id": None, **state, "tracking_uri": tracking.redact_uri(uri)},
+                )
+
+            run_id, start_id, adopted = create_run_once(
+                uri, experiment_id, run.run_name, tags, parent_run_id,
+                recorded.get("start_id"), record, marker,
+            )  # fmt: skip
+            record({"mlflow_run_id": run_id, "start_id": start_id})
+        if adopted:  # an existing run: checked before its status changes
+            existing = check_rerun(run, uri, experiment_id, run_id)
+            if existing is not None and existing.status == "FINISHED":
+                raise RunConflictError(
+                    f"run {run.run_name} (MLflow run {run_id}) is FINISHED: it is not trained "
+                    "again and its status stays FINISHED. To train it again as a new MLflow run, "
+                    f"delete its Ray Train folder {marker.parent}, or give it another name "
+                    "(--set name=...)"
+                )
+            tracking.start_or_resume_run(uri, experiment_id, run_id=run_id)
     tracking.log_params(uri, run_id, run.flat_params())
     tracking.log_text(uri, run_id, run.to_yaml(), "config/resolved.yaml")
     return uri, run_id
+
+
+def create_run_once(
+    uri: str,
+    experiment_id: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    parent_run_id: str | None,
+    start_id: str | None,
+    record: Callable[[dict[str, str]], None],
+    state_file: Path,
+) -> tuple[str, str, bool]:
+    """Create an MLflow run that a kill at any moment cannot leave orphaned or duplicated:
+    (run id, start id, adopted).
+
+    The id of a new run can only be recorded after MLflow made it. So a fresh `start_id` is
+    recorded first (`record({"start_id": ...})`, a whole write of `state_file`), and the run is
+    created with it as the tag `melora.start_id`; the caller then records the run id beside it.
+    A start killed in between leaves the start id alone in the state file: given that
+    `start_id`, the run that carries it (same experiment, name and parent) is adopted, not
+    created again. Several such runs (two starts at once, without the lock) are refused.
+    """
+    if start_id:
+        found = [
+            r
+            for r in tracking.search_runs(
+                uri, [experiment_id], f"tags.`{START_TAG}` = '{start_id}'"
+            )
+            if r.name == run_name and r.tags.get("mlflow.parentRunId") == parent_run_id
+        ]
+        if len(found) > 1:
+            ids = ", ".join(r.run_id for r in found)
+            raise RunConflictError(
+                f"{len(found)} MLflow runs named {run_name} ({ids}) carry the start id {start_id} "
+                f"recorded in {state_file}: two starts ran at once. Keep one: delete the others "
+                "(mlflow runs delete --run-id ID), then start again"
+            )
+        if found:
+            print(
+                f"[tracking] {run_name}: adopting MLflow run {found[0].run_id}, which an earlier "
+                f"start created but did not record in {state_file}",
+                flush=True,
+            )
+            return found[0].run_id, start_id, True
+    else:
+        start_id = uuid.uuid4().hex
+        record({"start_id": start_id})
+    run_id = tracking.start_or_resume_run(
+        uri,
+        experiment_id,
+        run_name=run_name,
+        tags={**tags, START_TAG: start_id},
+        parent_run_id=parent_run_id,
+    )
+    return run_id, start_id, False
+
+
+def check_rerun(
+    run: RunConfig, uri: str, experiment_id: str, run_id: str
+) -> tracking.RunRecord | None:
+    """The recorded MLflow run `run_id` of `run` as MLflow has it (None when it is not in the
+    experiment: `start_or_resume_run` then says so); RunConflictError, before anything changes,
+    when its params differ from `run`'s (MLflow refuses a changed param, and a run would mix two
+    configs), naming the changed params and what to do."""
+    found = tracking.search_runs(uri, [experiment_id], f"attributes.run_id = '{run_id}'")
+    if not found:
+        return None
+    record = found[0]
+    changed = changed_params(record.params, run.flat_params())
+    if not changed:
+        return record
+    shown = "; ".join(
+        f"{k}: {_short(old)} (the run) -> {_short(new)} (now)" for k, (old, new) in changed.items()
+    )
+    folder = _marker_path(run).parent
+    if record.status == "FINISHED":
+        todo = (
+            "A finished run never changes: give this config another name (--set name=...), or "
+            f"delete the Ray Train folder {folder} to train it as a new MLflow run of the same "
+            "name (the finished one stays in MLflow)"
+        )
+    else:
+        todo = (
+            "Resuming it would mix two configs in one run: run it with the config it was "
+            "started with to continue it, give this config another name (--set name=...), or "
+            f"delete the Ray Train folder {folder} to start it again as a new MLflow run"
+        )
+    raise RunConflictError(
+        f"run {run.run_name} (MLflow run {run_id}, {record.status}) was made with another config: "
+        f"{shown}. {todo}"
+    )
+
+
+def changed_params(
+    logged: Mapping[str, str], params: Mapping[str, Any]
+) -> dict[str, tuple[str, str]]:
+    """{key: (logged value, value now)} of the params that `tracking.log_params(params)` would
+    change: values as it writes them (URI credentials redacted, cut to MLflow's length, secret
+    keys left out); keys not logged yet are not changes."""
+    now = {k: tracking.param_text(v) for k, v in params.items() if not is_secret_key(k)}
+    return {k: (logged[k], v) for k, v in now.items() if k in logged and logged[k] != v}
+
+
+def finished_run(run: RunConfig) -> RunResult | None:
+    """The run's recorded MLflow run when it FINISHED with this config (a rerun has nothing to
+    do), else None; RunConflictError when it was made with another config. MLflow is only asked
+    when the marker records a run."""
+    run_id = recorded_run_id(run)
+    if run_id is None:
+        return None
+    uri = tracking.resolve_tracking_uri(run.tracking)
+    tracking.check_reachable(uri)
+    experiment_id = tracking.ensure_experiment(uri, run.tracking.experiment)
+    record = check_rerun(run, uri, experiment_id, run_id)
+    if record is None or record.status != "FINISHED":
+        return None
+    return RunResult(run_id, uri, record.metrics, str(_marker_path(run).parent))
+
+
+@contextmanager
+def run_lock(run: RunConfig) -> Iterator[None]:
+    """Hold the run's lock (`melora_run.lock` beside its marker) for the block: a second start of
+    the same run while this one trains (another jobs/train.py) is refused at once
+    (state_files.LockedError). No lock with remote storage (s3://)."""
+    marker = _marker_path(run)
+    if marker is None:
+        yield
+        return
+    hint = (
+        "Wait for it to end or stop it: two processes would train the same run into one MLflow "
+        "run. To train another run beside it, give it another name (--set name=...)"
+    )
+    with state_files.exclusive(marker.with_name(RUN_LOCK), f"run {run.run_name}", hint):
+        yield
 
 
 def build_trainer(
@@ -138,12 +309,22 @@ def fit_run(
     sweep's forwarding of validation reports to Ray Tune.
     """
     check_gpu_resources(run)
+    check_run_data(run)  # prompts fit task.max_length, answers are tokens: before any worker starts
     uri, run_id = prepare_tracking(run, parent_run_id, sweep)
     try:
         result = build_trainer(run, uri, run_id, fault, callbacks).fit()
     except Exception as err:  # Ray wraps worker errors; record the reason, then re-raise
         reason = f"{type(err).__name__}: {err}"
-        tracking.set_terminated(uri, run_id, "FAILED", reason)
+        try:  # MLflow may be what failed: wait a little, and never let it hide the training error
+            tracking.call_until(
+                lambda: tracking.set_terminated(uri, run_id, "FAILED", reason),
+                tracking.MARK_FAILED_WAIT_S,
+            )
+        except Exception as mlflow_err:
+            reason += (
+                "; and the MLflow run could not be marked FAILED, it may still say RUNNING ("
+                f"{type(mlflow_err).__name__}: {tracking.redact_text(str(mlflow_err))})"
+            )
         raise RunFailedError(f"run {run.run_name} failed (MLflow run {run_id}): {reason}") from err
     # Rank 0 logged the final metrics, or marked the run FAILED (a NaN loss) and stopped the workers.
     status, tags, metrics = tracking.read_run(uri, run_id)
@@ -181,13 +362,36 @@ def recorded_run_id(run: RunConfig) -> str | None:
     marker = _marker_path(run)
     if marker is None or not marker.is_file():
         return None
-    return json.loads(marker.read_text())["mlflow_run_id"]
+    return _read_marker(marker).get("mlflow_run_id")
 
 
 def _marker_path(run: RunConfig) -> Path | None:
     """Where the MLflow run id is stored beside the Ray Train run (None for remote storage)."""
     root = storage_path(run)
     return None if "://" in root else Path(root) / run.run_name / RUN_MARKER
+
+
+def _read_marker(marker: Path) -> dict[str, str]:
+    """The marker's {"mlflow_run_id", "start_id", "tracking_uri"} (the first two may be missing:
+    a start that died, or a marker of an older version); StateFileError, naming the file and
+    what to do, when it cannot be read."""
+    fix = (
+        "delete it (the next start makes a new MLflow run for this run name; the run it named, "
+        "if any, stays in MLflow), or restore it as "
+        '{"mlflow_run_id": "<the run id, from the MLflow UI>"}'
+    )
+    data = state_files.read_json(marker, fix)
+    for key in ("mlflow_run_id", "start_id"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str) and _RUN_ID.fullmatch(value)):
+            raise state_files.StateFileError(
+                f"state file {marker} cannot be read ({key}={str(value)[:80]!r} is not an id): {fix}"
+            )
+    return data
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:

@@ -34,7 +34,7 @@ from torch.utils.data import DistributedSampler
 
 import melora
 from melora import metrics as M
-from melora.errors import ConfigError
+from melora.errors import ConfigError, MeLoraError
 from melora.evaluation import (
     Predictive,
     class_logits,
@@ -85,14 +85,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed
 
     datasets.disable_progress_bars()
-    logger = RankZeroLogger(rank, config.get("tracking_uri"), config.get("mlflow_run_id"))
+    logger = RankZeroLogger(
+        rank, config.get("tracking_uri"), config.get("mlflow_run_id"), spool_dir=run_folder(ctx)
+    )
 
-    # --- setup
-    ds_config = deepspeed_config(run, world_size=world, on_gpu=on_gpu)
-    tokenizer, model = build_model(run, ds_config, on_gpu)
-    torch.manual_seed(run.seed)  # the same adapter initialisation on every rank
-    melora.attach(model, run.adapter)
-    data = TaskData(run, tokenizer, rank, world)
+    # --- setup. A user error here (config, data, tokenizer, adapter targets) ends the run FAILED
+    # on every rank at once: a retry by Ray Train would fail the same way.
+    try:
+        ds_config = deepspeed_config(run, world_size=world, on_gpu=on_gpu)
+        tokenizer, model = build_model(run, ds_config, on_gpu)
+        torch.manual_seed(run.seed)  # the same adapter initialisation on every rank
+        melora.attach(model, run.adapter)
+        data = TaskData(run, tokenizer, rank, world)
+        setup_error = None
+    except MeLoraError as err:
+        setup_error = f"rank {rank}: {type(err).__name__}: {err}"
+    reason = collectives.first_error(setup_error)
+    if reason is not None:
+        logger.fail(reason)
+        ray.train.report({"failed": reason, "step": 0})
+        return
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=run.optim.lr, weight_decay=run.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
@@ -277,18 +289,14 @@ def build_model(run: RunConfig, ds_config: dict[str, Any], on_gpu: bool) -> tupl
     `HfDeepSpeedConfig` is alive while `from_pretrained` runs, so no process holds the whole model.
     `trust_remote_code` is never set.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     dtype = torch.bfloat16 if run.model.resolved_dtype(on_gpu) == "bfloat16" else torch.float32
+    tokenizer = load_tokenizer(run.model.name_or_path)
     if run.model.name_or_path == "demo":
-        tokenizer = demo_tokenizer()
         torch.manual_seed(0)  # one fixed "pretrained" demo model, whatever the run's seed
         model = LlamaForCausalLM(demo_model_config(tokenizer)).to(dtype)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(run.model.name_or_path, trust_remote_code=False)
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
         keep_alive = None
         if run.scaling.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
@@ -303,6 +311,20 @@ def build_model(run: RunConfig, ds_config: dict[str, Any], on_gpu: bool) -> tupl
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return tokenizer, model
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """The model's tokenizer: the demo's, or `AutoTokenizer.from_pretrained` (left padding; EOS pads
+    when the tokenizer has no pad token). The driver's pre-flight check loads the same one."""
+    if name_or_path == "demo":
+        return demo_tokenizer()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def init_deepspeed_comm() -> None:
@@ -349,8 +371,10 @@ class TaskData:
             drop_last=True,
         )
         if len(self.train_loader) == 0:
-            raise ValueError(
-                f"task {t.name}: {len(self.train)} training examples make no batch of {run.optim.batch_size} on each of {world} workers"
+            raise ConfigError(
+                f"task {t.name}: {len(self.train)} training examples make no batch of "
+                f"optim.batch_size={run.optim.batch_size} on each of {world} workers: lower "
+                "optim.batch_size or scaling.num_workers"
             )
 
     def train_batches(self, start_step: int):
@@ -616,12 +640,63 @@ def maybe_inject_fault(fault: dict[str, int] | None, rank: int, step: int, resum
 
 
 # ----- rank-0 logging --------------------------------------------------------------------------------------
-class RankZeroLogger:
-    """Progress lines and MLflow logging, from rank 0 only (a no-op elsewhere)."""
+def run_folder(ctx) -> Path | None:
+    """The Ray Train run's folder (<storage_path>/<run name>: its checkpoints, melora_run.json)
+    when the storage is a folder (local or mounted, such as EFS); None for remote storage (s3://).
 
-    def __init__(self, rank: int, tracking_uri: str | None, run_id: str | None) -> None:
+    Read from Ray Train's StorageContext (a DeveloperAPI in Ray 2.60): the worker's own working
+    folder is Ray's, so a relative tracking.storage_path cannot be resolved here."""
+    try:
+        import pyarrow.fs
+
+        storage = ctx.get_storage()
+        if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            return Path(storage.experiment_fs_path)
+    except (AttributeError, ImportError):  # another Ray version: the logger says where it spools
+        pass
+    return None
+
+
+class RankZeroLogger:
+    """Progress lines and MLflow logging, from rank 0 only (a no-op elsewhere).
+
+    Metrics go through a `tracking.MetricSpool` in the Ray Train run's folder (`spool_dir`):
+    written to disk first and sent when MLflow answers, each with the timestamp and step it was
+    logged with, so that a tracking server that goes away costs no point and blocks no step (one
+    short call per back-off); a restarted worker sends first what the last one could not.
+    The end of the run (`finish`, `fail`) waits up to `tracking.flush_wait_s()` (300 s;
+    $MELORA_MLFLOW_FLUSH_WAIT_S) for MLflow to take the rest, the artifacts or the FAILED status;
+    when it is still down the worker raises TrackingError (Ray Train may retry it from the last
+    checkpoint, under scaling.max_failures), the metrics stay on disk and the error says how to
+    send them. Artifacts are not spooled: they are uploaded at the end, retried within that wait,
+    and a run resumed from its last checkpoint uploads them again.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        tracking_uri: str | None,
+        run_id: str | None,
+        spool_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.rank, self.uri, self.run_id = rank, tracking_uri, run_id
         self.active = rank == 0 and tracking_uri is not None and run_id is not None
+        self.spool: tracking.MetricSpool | None = None
+        self._reachable = True
+        if self.active:
+            if spool_dir is None:
+                spool_dir = Path(tempfile.gettempdir()) / "melora_mlflow_spool" / run_id
+                self.print(
+                    f"the run's storage is not a folder: metrics waiting for MLflow are kept in "
+                    f"{spool_dir} on this node only"
+                )
+            self.spool = tracking.MetricSpool(spool_dir, tracking_uri, run_id)
+            if self.spool.pending:
+                self.print(
+                    f"{len(self.spool.pending)} metric records that an earlier attempt could not "
+                    f"send are in {self.spool.path}: sending them"
+                )
+            self._note(self.spool.send())
 
     def print(self, line: str) -> None:
         if self.rank == 0:
@@ -629,23 +704,82 @@ class RankZeroLogger:
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         if self.active and values:
-            tracking.log_metrics(self.uri, self.run_id, values, step)
+            self._note(self.spool.add(values, step))
 
     def fail(self, reason: str) -> None:
+        """End the MLflow run FAILED with `reason`, after sending the metrics so far. When MLflow
+        stays unreachable for `tracking.flush_wait_s()`, a TrackingError that carries `reason`."""
         self.print(f"FAILED: {reason}")
-        if self.active:
-            tracking.set_terminated(self.uri, self.run_id, "FAILED", reason)
+        if not self.active:
+            return
+        wait = tracking.flush_wait_s()
+        deadline = time.monotonic() + wait
+        self.spool.flush(wait)
+        try:
+            tracking.call_until(
+                lambda: tracking.set_terminated(self.uri, self.run_id, "FAILED", reason),
+                max(0.0, deadline - time.monotonic()),
+            )
+        except Exception as err:
+            if not tracking.is_transient(err):
+                raise
+            raise tracking.TrackingError(
+                f"{reason}; and MLflow at {tracking.redact_uri(self.uri)} could not be reached for "
+                f"{wait:g} s to mark run {self.run_id} FAILED ({err}). "
+                + self.spool.unsent_message()
+            ) from err
 
     def finish(self, final: dict[str, float], artifacts: Path, step: int) -> None:
-        """Log the final metrics and every artifact folder written by `write_final_artifacts`."""
+        """Log the final metrics and every artifact folder written by `write_final_artifacts`,
+        waiting up to `tracking.flush_wait_s()` for MLflow to take them and everything pending."""
         if self.rank != 0:
             return
         shown = {k: v for k, v in final.items() if k.endswith(("acc_n0", "ece_n0", "nll_n0"))}
         self.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
-        if self.active:
-            tracking.log_metrics(self.uri, self.run_id, final, step)
-            for sub in sorted(p.name for p in artifacts.iterdir()):
-                tracking.log_artifacts(self.uri, self.run_id, artifacts / sub, sub)
+        if not self.active:
+            return
+        wait = tracking.flush_wait_s()
+        deadline = time.monotonic() + wait
+        self.log_metrics(final, step)
+        if not self.spool.flush(wait):
+            raise tracking.TrackingError(
+                f"MLflow at {tracking.redact_uri(self.uri)} could not be reached for {wait:g} s at "
+                f"the end of the run ({self.spool.last_error}; ${tracking.FLUSH_WAIT_ENV} sets "
+                "the wait): " + self.spool.unsent_message()
+            )
+        self._note(True)
+        for sub in sorted(p.name for p in artifacts.iterdir()):
+            try:
+                tracking.call_until(
+                    lambda sub=sub: tracking.log_artifacts(
+                        self.uri, self.run_id, artifacts / sub, sub
+                    ),
+                    max(0.0, deadline - time.monotonic()),
+                    timeout_s=tracking.ARTIFACT_TIMEOUT_S,
+                )
+            except Exception as err:
+                if not tracking.is_transient(err):
+                    raise
+                raise tracking.TrackingError(
+                    f"MLflow at {tracking.redact_uri(self.uri)} took no artifact {sub!r} for "
+                    f"{wait:g} s at the end of the run ({err}); the metrics are all sent. Rerun "
+                    "the same command once it is back: the run resumes from its last checkpoint "
+                    "in the same MLflow run and uploads its artifacts"
+                ) from err
+
+    def _note(self, sent: bool) -> None:
+        """One line when MLflow stops taking metrics, one when it takes them again."""
+        if sent == self._reachable:
+            return
+        self._reachable = sent
+        where = tracking.redact_uri(self.uri)
+        if sent:
+            self.print(f"MLflow at {where} is back: the waiting metrics are sent")
+        else:
+            self.print(
+                f"MLflow at {where} cannot be reached ({self.spool.last_error}): metrics are kept "
+                f"in {self.spool.path} and sent when it is back; training goes on"
+            )
 
 
 class Progress:

@@ -409,3 +409,18 @@ def test_every_writer_leaves_no_planted_secret(dirs, monkeypatch: pytest.MonkeyP
     params = next(b for b in batches if "tracking.tags" in b)  # the training run's
     assert json.loads(params["tracking.tags"])["hf_token"] == "***"
     assert params["tracking.tracking_uri"] == "https://***@mlflow.example:5000/?token=***&x=1"
+
+
+@pytest.mark.parametrize("script", ["jobs/sweep.py", "jobs/train.py"])
+def test_prompts_beyond_max_length_are_refused_before_ray_starts(
+    script: str, dirs, load_script, capsys
+) -> None:
+    """Not a dry run: the driver checks every trial's prompts against task.max_length (the demo's
+    take 38 tokens at least) and refuses with exit 2 before Ray, MLflow or a state folder exist."""
+    import ray
+
+    status = load_script(script).main(["--config", str(DEMO), "--set", "task.max_length=8"])
+    out, err = capsys.readouterr()
+    case = Case("max_length", None, needles=("task demo, train split", "max_length=8"))
+    check_refusal(case, status, out, err, dirs)
+    assert not ray.is_initialized()

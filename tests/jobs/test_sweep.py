@@ -63,6 +63,7 @@ def test_killed_sweep_resumes_only_what_was_left(tmp_path: Path, tiny_sweep, sto
     client = MlflowClient(uri)
     parents, children = sweep_runs(client, "killed")
     assert len(parents) == 1 and parents[0].info.status == "RUNNING"
+    assert (sweep_dir / "sweep.lock").is_file()  # the killed driver's lock: it died with it
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) == 1, "the driver was killed too late to test a resume"
     first_run = next(r for r in children if r.info.run_name == first)

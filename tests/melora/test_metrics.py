@@ -19,6 +19,8 @@ from melora import metrics
 #   [.55, .45]   1  .55   no       (.4, .6]
 HAND_PROBS = np.array([[0.90, 0.10], [0.15, 0.85], [0.30, 0.70], [0.55, 0.45]])
 HAND_LABELS = np.array([0, 0, 1, 1])
+HAND_NLL = -(math.log(0.90) + math.log(0.15) + math.log(0.70) + math.log(0.45)) / 4
+HAND = {"acc": 0.5, "nll": HAND_NLL, "ece": 0.4, "brier": 0.5625}  # ece with 5 bins
 
 
 def test_hand_case_accuracy() -> None:
@@ -26,8 +28,7 @@ def test_hand_case_accuracy() -> None:
 
 
 def test_hand_case_nll() -> None:
-    expected = -(math.log(0.90) + math.log(0.15) + math.log(0.70) + math.log(0.45)) / 4
-    assert metrics.nll(HAND_PROBS, HAND_LABELS) == pytest.approx(expected, abs=1e-12)
+    assert metrics.nll(HAND_PROBS, HAND_LABELS) == pytest.approx(HAND_NLL, abs=1e-12)
 
 
 def test_hand_case_ece() -> None:
@@ -46,7 +47,7 @@ def test_hand_case_brier() -> None:
 
 def test_compute_all_gives_the_four_metrics() -> None:
     out = metrics.compute_all(HAND_PROBS, HAND_LABELS, n_bins=5)
-    assert out == pytest.approx({"acc": 0.5, "nll": out["nll"], "ece": 0.4, "brier": 0.5625})
+    assert out == pytest.approx(HAND, abs=1e-12)
     assert set(out) == {"acc", "nll", "ece", "brier"}
     assert all(type(v) is float for v in out.values())
 
@@ -54,10 +55,12 @@ def test_compute_all_gives_the_four_metrics() -> None:
 def test_torch_float32_and_numpy_inputs_agree_and_give_floats() -> None:
     probs32 = torch.tensor(HAND_PROBS, dtype=torch.float32)
     labels = torch.tensor(HAND_LABELS)
-    for fn in (metrics.accuracy, metrics.nll, metrics.brier, metrics.ece):
+    for key, fn in (("acc", metrics.accuracy), ("nll", metrics.nll), ("brier", metrics.brier)):
         value = fn(probs32, labels)
         assert type(value) is float
-        assert value == pytest.approx(fn(HAND_PROBS, HAND_LABELS), abs=1e-6)
+        assert value == pytest.approx(HAND[key], abs=1e-6), key
+    value = metrics.ece(probs32, labels, n_bins=5)
+    assert type(value) is float and value == pytest.approx(HAND["ece"], abs=1e-6)
     assert metrics.accuracy(HAND_PROBS.tolist(), HAND_LABELS.tolist()) == 0.5
 
 
@@ -258,7 +261,7 @@ def test_mutual_information_matches_a_loop_over_draws(seed: int) -> None:
         expected_h.append(sum(h_draws) / s)
         mi.append(_entropy_by_hand([sum(draws[t, i, c] for t in range(s)) / s for c in range(k)]) - expected_h[-1])  # fmt: skip
     np.testing.assert_allclose(metrics.expected_entropy(draws), expected_h, rtol=0, atol=1e-12)
-    got = metrics.mutual_information(mean, metrics.expected_entropy(draws))
+    got = metrics.mutual_information(mean, expected_h)
     np.testing.assert_allclose(got, mi, rtol=0, atol=1e-12)
     assert metrics.mean_mutual_information(mean, expected_h) == pytest.approx(
         np.mean(mi), abs=1e-12
@@ -282,7 +285,8 @@ def test_mutual_information_of_identical_draws_is_zero() -> None:
     draws = np.repeat(_draws(0, 1, 20, 4), 5, axis=0)  # five equal draws
     mi = metrics.mutual_information(draws.mean(axis=0), metrics.expected_entropy(draws))
     np.testing.assert_allclose(mi, 0.0, atol=1e-12)
-    assert metrics.mean_mutual_information(draws[0], metrics.entropy(draws[0])) == 0.0
+    by_hand = [_entropy_by_hand(p) for p in draws[0]]
+    assert metrics.mean_mutual_information(draws[0], by_hand) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_mutual_information_of_two_certain_draws_that_disagree_is_log_2() -> None:
@@ -355,10 +359,11 @@ def test_accuracy_at_coverage_hand_cases() -> None:
     probs = np.array([[0.95, 0.05], [0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     labels = np.array([0, 0, 0, 1, 1])
     assert metrics.accuracy_at_coverage(probs, labels, 0.8) == pytest.approx(3 / 4)
-    assert metrics.accuracy_at_coverage(probs, labels, 1.0) == metrics.accuracy(probs, labels)
+    assert metrics.accuracy_at_coverage(probs, labels, 1.0) == pytest.approx(3 / 5)
     assert metrics.accuracy_at_coverage(probs, labels, 0.2) == 1.0  # the most confident alone
+    # risks of the top k = 1..5: 0, 1/2, 1/3, 1/4, 2/5 -> AURC (0 + 1/2 + 1/3 + 1/4 + 2/5) / 5
     assert metrics.selective(probs, labels) == pytest.approx(
-        {"aurc": metrics.aurc(probs, labels), "acc_cov80": 0.75}
+        {"aurc": 89 / 300, "acc_cov80": 0.75}, abs=1e-12
     )
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"coverage must lie in \(0, 1\]"):
@@ -416,4 +421,5 @@ def test_aurc_with_ties_is_the_mean_over_all_rankings_consistent_with_confidence
     )
     # and it does not depend on the order of the rows
     perm = rng.permutation(n)
-    assert metrics.aurc(probs[perm], labels[perm]) == pytest.approx(metrics.aurc(probs, labels))
+    expected = np.mean([r[0] for r in results])
+    assert metrics.aurc(probs[perm], labels[perm]) == pytest.approx(expected, abs=1e-12)

@@ -1,5 +1,6 @@
 """The training loop's rules that need no Ray: the KL weights per epoch as the loop consumes its
-loader, and the choice of the best validation (non-finite values never win)."""
+loader, the learning-rate schedule (`lr_lambda`), and the choice of the best validation
+(non-finite values never win)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 
 from orchestrator.config import RunConfig
-from orchestrator.worker import Objective, TaskData, TrainState, is_better
+from orchestrator.worker import Objective, TaskData, TrainState, is_better, lr_lambda
 
 
 class _EpochSampler:
@@ -60,6 +61,46 @@ def test_the_loops_kl_weights_sum_to_one_over_each_epoch(method: str, grad_accum
 def test_a_deterministic_method_has_no_kl_weight() -> None:
     run = RunConfig().with_overrides({"adapter.method": "lora", "optim.grad_accum": 2})
     assert Objective(None, run, batches_per_epoch=7, rank=0).kl_weight(0) == 0.0
+
+
+# max_steps 100, warmup_ratio 0.1: 10 warm-up steps t = 0..9 at (t + 1) / 11, then the decay over
+# the 90 steps t = 10..100, at progress p = (t - 10) / 90. Hand-computed (cos(pi/3) = 1/2,
+# cos(2pi/3) = -1/2): linear 1 - p, cosine (1 + cos(pi p)) / 2, constant 1.
+WARMUP = {0: 1 / 11, 4: 5 / 11, 9: 10 / 11}
+DECAY = {  # t: (linear, cosine, constant)
+    10: (1.0, 1.0, 1.0),
+    40: (2 / 3, 3 / 4, 1.0),  # p = 1/3
+    55: (1 / 2, 1 / 2, 1.0),  # p = 1/2
+    70: (1 / 3, 1 / 4, 1.0),  # p = 2/3
+    99: (1 / 90, 3.0459e-4, 1.0),  # p = 89/90; cosine: sin(pi/180)^2
+    100: (0.0, 0.0, 1.0),  # p = 1
+    130: (0.0, 0.0, 1.0),  # past max_steps: clipped, no negative or rising lr
+}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_the_lr_schedule_matches_hand_computed_values(schedule: str) -> None:
+    """`lr_lambda` drives the lr of every run (LambdaLR in the worker, the KL SGD step) and the
+    equivalence test's reference loop: its warm-up and each decay at chosen steps, against values
+    computed by hand above, so that an off-by-one step or a wrong formula fails."""
+    run = RunConfig().with_overrides(
+        {"optim.max_steps": 100, "optim.warmup_ratio": 0.1, "optim.schedule": schedule}
+    )
+    factor = lr_lambda(run)
+    column = ["linear", "cosine", "constant"].index(schedule)
+    got = {t: factor(t) for t in [*WARMUP, *DECAY]}
+    want = {**WARMUP, **{t: values[column] for t, values in DECAY.items()}}
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-12)
+
+
+def test_the_lr_warm_up_is_a_whole_number_of_steps_and_can_be_none() -> None:
+    """warmup_ratio x max_steps is cut to whole steps (0.02 x 60 = 1.2: one step, at 1/2, then a
+    linear decay over 59 steps); with warmup_ratio 0 the first step runs at the full lr."""
+    linear = {"optim.max_steps": 60, "optim.schedule": "linear"}
+    short = lr_lambda(RunConfig().with_overrides({**linear, "optim.warmup_ratio": 0.02}))
+    assert [short(0), short(1), short(30), short(60)] == pytest.approx([1 / 2, 1.0, 30 / 59, 0.0])
+    none = lr_lambda(RunConfig().with_overrides({**linear, "optim.warmup_ratio": 0.0}))
+    assert [none(0), none(30), none(60)] == pytest.approx([1.0, 1 / 2, 0.0], abs=1e-12)
 
 
 def _select(values: list[float], metric: str = "val/nll") -> list[int | None]:

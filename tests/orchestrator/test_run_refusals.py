@@ -1,5 +1,6 @@
-"""Runs that cannot run as asked are refused by name: `scaling.use_gpu` without a GPU, and a ZeRO-3
-SGD KL step whose tensors do not split over the workers."""
+"""Runs that cannot run as asked are refused by name: `scaling.use_gpu` without a GPU, a ZeRO-3
+SGD KL step whose tensors do not split over the workers, and prompts longer than task.max_length
+(found by the driver, before any worker starts)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 from melora import ConfigError
+from melora.tasks import TaskError
 from orchestrator import trainer
 from orchestrator.config import RunConfig
+from orchestrator.preflight import check_run_data
 from orchestrator.worker import worker_device
 
 GPU_RUN = {"scaling.use_gpu": True, "scaling.num_workers": 2}
@@ -63,3 +66,34 @@ def test_zero3_sgd_refuses_workers_that_do_not_divide_r_squared(workers: int) ->
     RunConfig().with_overrides(
         {**base, "scaling.num_workers": workers, "optim.kl_optimizer": "joint"}
     )
+
+
+def test_prompts_longer_than_max_length_are_refused_before_tracking(tmp_path: Path) -> None:
+    """The demo's prompts take 38 tokens at least: task.max_length=8 is refused by the driver,
+    naming the task, the split and the limit, before any MLflow run or Ray worker exists."""
+    run = RunConfig().with_overrides(
+        {
+            "task.max_length": 8,
+            "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "tracking.storage_path": str(tmp_path / "ray_results"),
+        }
+    )
+    with pytest.raises(TaskError, match=r"task demo, train split: .* 38 tokens > max_length=8"):
+        trainer.fit_run(run)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+    check_run_data(run.with_overrides({"task.max_length": 38}))  # 38 tokens fit
+
+
+def test_arc_easy_with_the_stories260k_tokenizer_at_300_tokens_is_refused(
+    stories_dir: Path, data_dir: Path, data_slice, tmp_path: Path
+) -> None:
+    """The issue's case: ARC-Easy with stories260k's tokenizer at max_length 300. One training
+    example (NAEP_2000_8_S21+9) needs 304 tokens even with its question emptied."""
+    counts = {"train": 80, "validation": 5, "test": 5}  # the 76th training row is that example
+    arc = data_slice(data_dir, tmp_path, "arc_easy", counts)
+    run = RunConfig().with_overrides(
+        {"model.name_or_path": str(stories_dir), "task.name": "arc_easy", "task.data_dir": str(arc)}
+    )
+    with pytest.raises(TaskError, match=r"arc_easy, train split: .*304 tokens > max_length=300"):
+        check_run_data(run)
+    check_run_data(run.with_overrides({"task.max_length": 320}))

@@ -211,3 +211,19 @@ def test_non_finite_loss_fails_the_run_with_its_reason(tmp_path: Path, ray_local
         p for p in (tmp_path / "ray_results" / run.run_name).glob("checkpoint_*") if p.is_dir()
     ]
     assert not checkpoints  # the run stopped at step 1: no retry went on to train
+
+
+def test_user_error_in_the_workers_fails_the_run_once(tmp_path: Path, ray_local) -> None:
+    """An error a retry cannot fix (here: adapter targets that match no layer of the model, found
+    only once the workers have the model) ends the run FAILED on its first try: fit() returns
+    instead of raising after Ray Train's two retries, and MLflow has the reason."""
+    from orchestrator.trainer import RunFailedError, fit_run
+
+    run = demo_run(tmp_path, **{"adapter.target_modules": ["nope_proj"], "scaling.max_failures": 2})
+    with pytest.raises(RunFailedError, match=r"rank 0: TargetModuleError.*nope_proj") as caught:
+        fit_run(run)
+    assert caught.value.__cause__ is None  # not Ray's TrainingFailedError after retries
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert tracked.info.status == "FAILED"
+    assert "TargetModuleError" in tracked.data.tags["failure_reason"]
