@@ -404,7 +404,9 @@ def test_cli_exit_codes(tmp_path: Path, sweep_job, capsys) -> None:
     state.write_text(json.dumps({"parent_run_id": "x", "config_hash": "y"}))
     assert sweep_job.main([]) == 1
     assert "pass --resume to continue it" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo", "ray_results", "sweep.json"]
+    # nothing but the sweep's lock file (state_files.exclusive), kept beside its state
+    written = sorted(p.name for p in tmp_path.rglob("*"))
+    assert written == ["demo", "ray_results", "sweep.json", "sweep.lock"]
 
 
 def test_ens_trials_reuse_planned_lora_trials_and_plan_the_missing_members() -> None:

@@ -142,12 +142,29 @@ def check_tracked_run(run: RunConfig, result, tmp_path: Path) -> MlflowClient:
     return client
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_demo_run_end_to_end(zero_stage: int, tmp_path: Path, ray_local) -> None:
+END_TO_END = {"eval.n_samples": [0, 3, 10]}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory: pytest.TempPathFactory, ray_local):
+    """(run, result, folder) of one uninterrupted ZeRO-2 demo run, shared by the end-to-end check
+    and, as the reference, by the killed-worker test (the eval settings do not touch training)."""
     from orchestrator.trainer import fit_run
 
-    run = demo_run(tmp_path, **{"scaling.zero_stage": zero_stage, "eval.n_samples": [0, 3, 10]})
-    result = fit_run(run)
+    folder = tmp_path_factory.mktemp("zero2")
+    run = demo_run(folder, **{"scaling.zero_stage": 2, **END_TO_END})
+    return run, fit_run(run), folder
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_demo_run_end_to_end(zero_stage: int, tmp_path: Path, ray_local, request) -> None:
+    from orchestrator.trainer import fit_run
+
+    if zero_stage == 2:
+        run, result, _ = request.getfixturevalue("zero2_run")
+    else:
+        run = demo_run(tmp_path, **{"scaling.zero_stage": zero_stage, **END_TO_END})
+        result = fit_run(run)
     client = check_tracked_run(run, result, tmp_path)
     # the best checkpoint's validation metrics come back from the saved (gathered) adapter
     best_step = int(result.metrics["best_step"])
@@ -161,14 +178,13 @@ def test_demo_run_end_to_end(zero_stage: int, tmp_path: Path, ray_local) -> None
     assert metrics.nll(probs, labels) == pytest.approx(val_nll[best_step], rel=1e-4)
 
 
-def test_killed_worker_resumes_to_the_same_adapter(tmp_path: Path, ray_local) -> None:
+def test_killed_worker_resumes_to_the_same_adapter(tmp_path: Path, zero2_run) -> None:
     """Kill worker 1 at step 16 (after the step-12 checkpoint): the run restarts from step 12 and
     ends with the adapter of an uninterrupted run of the same seed, in one MLflow run."""
     from orchestrator.trainer import fit_run
 
-    overrides = {"scaling.max_failures": 1, "eval.n_samples": [0]}
-    reference = fit_run(demo_run(tmp_path / "a", **overrides))
-    run = demo_run(tmp_path / "b", **overrides)
+    _, reference, _ = zero2_run  # the same run, uninterrupted (max_failures changes no step)
+    run = demo_run(tmp_path / "b", **{"scaling.max_failures": 1, "eval.n_samples": [0]})
     result = fit_run(run, fault={"rank": 1, "step": 16})
 
     client = MlflowClient(result.tracking_uri)
