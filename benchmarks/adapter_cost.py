@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/adapter_cost.py                        # small Llama, fp32, CPU
     .venv/bin/python benchmarks/adapter_cost.py --threads 1 --control  # shared CPU; A/A check
     .venv/bin/python benchmarks/adapter_cost.py --kl-optimizer sgd     # the paper's two steps
+    .venv/bin/python benchmarks/adapter_cost.py --counts --layers 32   # calls per step, by part
+    .venv/bin/python benchmarks/adapter_cost.py --eval                 # N = 10 against N = 0
     python benchmarks/adapter_cost.py --model llama2-7b                # 7B shape, bf16, CUDA
 
 The default run takes about 2 minutes on an idle 2-core CPU. For each method it prints the
@@ -35,6 +37,13 @@ How it measures:
 - The adapter's own work (the low-rank updates, the KL, the optimiser) is timed apart from the
   base model, best of 20, to show what an overhead is made of below the whole step's noise; the
   kernel count (computing ATen calls per step) predicts how launch-bound small ops grow on a GPU.
+- The optimisers are torch's multi-tensor (`foreach`) AdamW and SGD, torch's default on CUDA
+  (`--optimiser-impl for-loop`: one tensor at a time, torch's default on CPU). Under DeepSpeed
+  ZeRO-1/2/3 the optimiser steps flat partitions, so its cost does not grow with the adapter's
+  tensors either way. BLoB runs without flipout, as the paper's BLoB rows (`--blob-flipout`: with).
+- `--counts` only counts the computing calls of a step and of its parts (the update in "mean"
+  mode, what sampling adds, the KL, the optimiser), each beyond LoRA's; `--eval` compares an
+  evaluation at N = 10 with one at N = 0 (calls and time). Counts are deterministic.
 """
 
 from __future__ import annotations
@@ -57,12 +66,15 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import melora
+from melora.evaluation import predict_with_entropy
 from melora.objective import draw_prior_eps, kl_weight
 
 METHODS = ("lora", "blob", "melora")
 MODEL_SIZES = {
     # hidden, intermediate, layers, heads: small enough for a 2-core CPU
     "small": (512, 1376, 8, 8),
+    # the same code path at a fraction of the size: the call counts equal small's (for tests)
+    "tiny": (64, 128, 8, 4),
     "llama2-7b": (4096, 11008, 32, 32),
     "llama2-13b": (5120, 13824, 40, 40),
 }
@@ -79,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Llama architecture, random weights",
     )
     p.add_argument(
-        "--device", default=None, help="default: cpu for 'small', cuda for the llama2 sizes"
+        "--device",
+        default=None,
+        help="default: cpu for 'small' and 'tiny', cuda for the llama2 sizes",
     )
     p.add_argument(
         "--dtype",
@@ -98,7 +112,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kl-optimizer", choices=("joint", "sgd"), default="joint")
     p.add_argument("--loss", choices=("last", "lm"), default="last")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--layer-by-layer",
+        action="store_true",
+        help="each layer makes its noise and KL in its own forward: the path under ZeRO-3",
+    )
+    p.add_argument(
+        "--blob-flipout",
+        action="store_true",
+        help="BLoB with flipout (its official code); default off, as the paper's BLoB rows",
+    )
+    p.add_argument(
+        "--optimiser-impl",
+        choices=("foreach", "for-loop"),
+        default="foreach",
+        help="foreach: torch's multi-tensor AdamW / SGD (torch's default on CUDA); for-loop: one "
+        "tensor at a time (torch's default on CPU)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: the --model size's)"
+    )
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="only the evaluation's cost: N = 10 against N = 0, calls and time (best of --steps)",
+    )
+    p.add_argument(
+        "--counts",
+        action="store_true",
+        help="only count the computing calls of a step, part by part (no timing; seconds)",
+    )
     p.add_argument(
         "--control",
         action="store_true",
@@ -109,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.device is None:
-        args.device = "cpu" if args.model == "small" else "cuda"
+        args.device = "cpu" if args.model in ("small", "tiny") else "cuda"
     if args.dtype is None:
         args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     return args
@@ -119,6 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_base(args: argparse.Namespace) -> nn.Module:
     """A Llama of the chosen size with random weights, built directly on the device in its dtype."""
     hidden, intermediate, layers, heads = MODEL_SIZES[args.model]
+    layers = args.layers or layers
     config = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -147,8 +192,11 @@ def build_models(base: nn.Module, args: argparse.Namespace) -> dict[str, nn.Modu
             alpha=2 * args.rank,
             dropout=0.1,
             target_modules=tuple(args.targets.split(",")),
+            flipout=args.blob_flipout,
         )
         melora.attach(model, config)
+        if args.layer_by_layer:
+            melora.posterior.layer_by_layer(model)
         if args.gradient_checkpointing:
             enable_checkpointing(model)
         model.train()
@@ -193,9 +241,10 @@ class Trainer:
         cls, method: str, model: nn.Module, ids: Tensor, targets: Tensor, args: argparse.Namespace
     ) -> Trainer:
         params = [p for _, p in melora.adapter_parameters(model)]
-        adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5)
+        foreach = args.optimiser_impl == "foreach"
+        adamw = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5, foreach=foreach)
         two_step = method != "lora" and args.kl_optimizer == "sgd"
-        sgd = torch.optim.SGD(params, lr=1e-4) if two_step else None
+        sgd = torch.optim.SGD(params, lr=1e-4, foreach=foreach) if two_step else None
         return cls(method, model, ids, targets, args.loss, adamw, sgd)
 
     def nll(self) -> Tensor:
@@ -211,13 +260,22 @@ class Trainer:
     def zero_grad(self) -> None:
         self.adamw.zero_grad(set_to_none=True)
 
+    def optimiser_step(self) -> None:
+        """The optimiser step(s) on the gradients present (AdamW, and SGD in the two-step form)."""
+        self.adamw.step()
+        if self.sgd is not None:
+            self.sgd.step()
+
     def step(self) -> None:
         self.zero_grad()
         if self.method == "lora":
             self.nll().backward()
             self.adamw.step()
         elif self.sgd is None:  # joint: one backward of nll + pi * KL, one AdamW step
-            (self.nll() + self.kl()).backward()
+            pi = kl_weight(self.n, self.steps_per_epoch)
+            with melora.kl_from_forward(self.model, draw_prior_eps(True)) as kl:
+                nll = self.nll()  # the KL collected in the forward, as the training worker does
+            (nll + pi * kl.total()).backward()
             self.adamw.step()
         else:  # the paper's two steps: AdamW on the NLL, then SGD on pi * KL
             self.nll().backward()
@@ -279,12 +337,7 @@ def adapter_parts(trainer: Trainer, args: argparse.Namespace) -> dict[str, Calla
     def kl() -> None:
         melora.kl_divergence(trainer.model, 0.5).backward()
 
-    def optimiser() -> None:
-        trainer.adamw.step()
-        if trainer.sgd is not None:
-            trainer.sgd.step()
-
-    parts = {"update": update, "kl": kl, "optimiser": optimiser}
+    parts = {"update": update, "kl": kl, "optimiser": trainer.optimiser_step}
     if trainer.method == "lora":
         del parts["kl"]
     return parts
@@ -316,7 +369,7 @@ def adapter_work_ms(
 NON_KERNEL_OPS = {
     "aten::" + name
     for name in (
-        "_local_scalar_dense _reshape_alias _to_copy _unsafe_view alias as_strided chunk contiguous "
+        "_local_scalar_dense _reshape_alias promote_types _to_copy _unsafe_view alias as_strided chunk contiguous "
         "detach dropout empty empty_like empty_strided expand flatten is_nonzero item lift_fresh "
         "linear matmul narrow new_zeros permute reshape resolve_conj resolve_neg result_type select "
         "slice split squeeze t to transpose unbind unflatten unsqueeze view"
@@ -324,19 +377,164 @@ NON_KERNEL_OPS = {
 }
 
 
-def kernel_ops(trainer: Trainer) -> int:
-    """ATen calls of one training step that compute (on a GPU, about its kernel launches).
+def computing_calls(fn: Callable[[], object]) -> int:
+    """ATen calls made by `fn()` that compute (on a GPU, about its kernel launches).
 
-    Counted from the profiler: calls outside NON_KERNEL_OPS with no computing ATen call inside.
+    Counted from the profiler: calls outside NON_KERNEL_OPS with no computing ATen call inside,
+    except that a multi-tensor call (`_foreach_*`, `_fused_*`) counts once, whatever its tensors:
+    on CPU it loops over them (the per-tensor calls inside are not counted), on CUDA it launches
+    one kernel per chunk of tensors (`multi_tensor_apply`). Deterministic: the same code gives
+    the same count on any machine.
     """
-    trainer.zero_grad()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        trainer.step()
+        fn()
 
     def computes(e) -> bool:  # a profiler FunctionEvent
         return e.name.startswith("aten::") and e.name not in NON_KERNEL_OPS
 
-    return sum(1 for e in prof.events() if computes(e) and not any(map(computes, e.cpu_children)))
+    def multi_tensor(e) -> bool:
+        return e.name.startswith(("aten::_foreach_", "aten::_fused_"))
+
+    def inside_multi_tensor(e) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if multi_tensor(parent):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(
+        1
+        for e in prof.events()
+        if computes(e)
+        and not inside_multi_tensor(e)
+        and (multi_tensor(e) or not any(map(computes, e.cpu_children)))
+    )
+
+
+def kernel_ops(trainer: Trainer) -> int:
+    """Computing calls of one training step (from zeroed gradients, as every step starts)."""
+    trainer.zero_grad()
+    return computing_calls(trainer.step)
+
+
+def part_calls(trainer: Trainer) -> dict[str, int]:
+    """Computing calls of a step and of its parts, each run alone from zeroed gradients.
+
+    forward_mean / forward_sample: forward + backward of the NLL in "mean" / "sample" mode (for
+    LoRA, "sample" is dropout); kl: `kl_divergence` forward + backward; optimiser: the optimiser
+    step(s) on present gradients; step: one whole training step.
+    """
+    model = trainer.model
+
+    def forward_backward(mode: str) -> Callable[[], None]:
+        def run() -> None:
+            with melora.sampling(model, mode):
+                trainer.nll().backward()
+
+        return run
+
+    counts = {}
+    for mode in ("mean", "sample"):
+        trainer.zero_grad()
+        counts[f"forward_{mode}"] = computing_calls(forward_backward(mode))
+    trainer.zero_grad()
+    bayesian = trainer.method != "lora"
+    counts["kl"] = (
+        computing_calls(lambda: melora.kl_divergence(model, 0.5).backward()) if bayesian else 0
+    )
+    forward_backward("sample")()
+    counts["optimiser"] = computing_calls(trainer.optimiser_step)
+    counts["step"] = kernel_ops(trainer)
+    trainer.zero_grad()
+    return counts
+
+
+def call_counts(trainers: dict[str, Trainer]) -> dict[str, dict[str, int]]:
+    """`part_calls` of each method, after one step (the first creates the optimiser state)."""
+    for trainer in trainers.values():
+        trainer.step()
+    return {name: part_calls(trainer) for name, trainer in trainers.items()}
+
+
+def evaluation_cost(model: nn.Module, ids: Tensor, n_samples: int) -> Callable[[], object]:
+    """One evaluation of the batch `ids` at N = n_samples (`predict_with_entropy`)."""
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.zeros(ids.shape[0], dtype=torch.long),
+        "answer_token_ids": [100, 200, 300, 400],  # four answer tokens, as ARC's A-D
+    }
+    return lambda: predict_with_entropy(model, [batch], n_samples)
+
+
+def print_evaluation_cost(
+    args: argparse.Namespace, models: dict[str, nn.Module], ids: Tensor
+) -> None:
+    """N = 10 against N = 0 per method: computing calls, and the best of `--steps` times."""
+    print(f"evaluation of one batch ({args.batch} x {args.seq}), N = 10 against N = 0")
+    print(
+        f"{'method':<8} {'calls N=0':>10} {'calls N=10':>11} {'x':>7} {'ms N=0':>8} {'ms N=10':>8} {'x':>7}"
+    )
+    for name, model in models.items():
+        if name.startswith("lora"):
+            continue  # LoRA's N >= 1 is MC dropout: another method
+        runs = {n: evaluation_cost(model, ids, n) for n in (0, 10)}
+        calls = {n: computing_calls(run) for n, run in runs.items()}
+        best = dict.fromkeys(runs, math.inf)
+        for _ in range(args.warmup + args.steps):
+            for n, run in runs.items():
+                best[n] = min(best[n], seconds(run, args.device) * 1e3)
+        print(
+            f"{name:<8} {calls[0]:>10,} {calls[10]:>11,} {calls[10] / calls[0]:>7.3f} "
+            f"{best[0]:>8.1f} {best[10]:>8.1f} {best[10] / best[0]:>7.3f}"
+        )
+
+
+def extra_calls(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Each method's calls beyond LoRA's, by part; "other" is what the parts alone do not show."""
+    lora = counts["lora"]
+    out = {}
+    for method, c in counts.items():
+        dropout = lora["forward_sample"] - lora["forward_mean"]  # what "sample" costs LoRA
+        parts = {
+            "update": c["forward_mean"] - lora["forward_mean"],
+            "sample": c["forward_sample"] - c["forward_mean"] - dropout,
+            "kl": c["kl"],
+            "optimiser": c["optimiser"] - lora["optimiser"],
+        }
+        parts["other"] = c["step"] - lora["step"] - sum(parts.values())
+        parts["step"] = c["step"] - lora["step"]
+        out[method] = parts
+    return out
+
+
+def print_counts(args: argparse.Namespace, counts: dict[str, dict[str, int]], layers: int) -> None:
+    """The computing calls of a step beyond LoRA's, part by part, and as a share of LoRA's step."""
+    lora_step = counts["lora"]["step"]
+    print(
+        f"computing calls per training step: model {args.model}, {layers} adapted layers, KL "
+        f"optimiser {args.kl_optimizer}, BLoB flipout {'on' if args.blob_flipout else 'off'}, "
+        f"optimiser {args.optimiser_impl}{', layer by layer' if args.layer_by_layer else ''}; "
+        f"LoRA's step: {lora_step:,}"
+    )
+    print(
+        f"{'method':<8} {'step':>7} {'extra':>7} {'extra %':>8} {'/layer':>7} "
+        f"{'update':>7} {'sample':>7} {'KL':>6} {'optim':>6} {'other':>6}"
+    )
+    for method, e in extra_calls(counts).items():
+        print(
+            f"{method:<8} {counts[method]['step']:>7,} {e['step']:>+7,} "
+            f"{100 * e['step'] / lora_step:>+7.1f}% {e['step'] / layers:>7.2f} "
+            f"{e['update']:>+7,} {e['sample']:>+7,} {e['kl']:>+6,} {e['optimiser']:>+6,} "
+            f"{e['other']:>+6,}"
+        )
+    print(
+        "extra: calls beyond LoRA's step; update: forward + backward in 'mean' mode; sample: what\n"
+        "'sample' mode adds (beyond LoRA's dropout); KL: kl_divergence forward + backward alone;\n"
+        "optim: the optimiser step(s); other: the rest of the step (e.g. gradients summed from\n"
+        "two uses of a tensor). Each part is run alone from zeroed gradients."
+    )
 
 
 # ----- memory ----------------------------------------------------------------------------------
@@ -455,7 +653,10 @@ def print_report(
         f"model {args.model} ({args.dtype}, {args.device}), batch {args.batch}, seq {args.seq}, "
         f"r {args.rank}, targets {args.targets}, gradient checkpointing {checkpointing}"
     )
-    print(f"loss: {loss}; KL optimiser: {args.kl_optimizer}")
+    print(
+        f"loss: {loss}; KL optimiser: {args.kl_optimizer}; BLoB flipout "
+        f"{'on' if args.blob_flipout else 'off'}; optimiser {args.optimiser_impl}"
+    )
     print(f"{args.steps} timed rounds after {args.warmup} warm-up, round-robin {', '.join(rows)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; step memory: {memory}")
     print()
@@ -526,6 +727,13 @@ def main(argv: list[str] | None = None) -> None:
         name: Trainer.create(name.split("-")[0], model, ids, targets, args)
         for name, model in models.items()
     }
+    if args.eval:
+        print_evaluation_cost(args, models, ids)
+        return
+    if args.counts:
+        layers = sum(1 for _ in melora.adapted_layers(trainers["lora"].model))
+        print_counts(args, call_counts(trainers), layers)
+        return
 
     times = time_round_robin(trainers, args.steps, args.warmup, args.device)
     work = adapter_work_ms(trainers, args)

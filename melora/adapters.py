@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from melora import posterior
 from melora.config import AdapterConfig
 from melora.errors import AdapterStateError, ConfigError, MeLoraError, TargetModuleError
 from melora.layers import LAYER_CLASSES, SAMPLING_MODES, LoraLinear
@@ -61,11 +62,14 @@ def attach(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     layer_cls = LAYER_CLASSES[config.method]
+    layers = []
     for name, linear in linears.items():
         if any(_matches(name, t) for t in config.target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer_cls(linear, config))
+            layers.append(layer_cls(linear, config))
+            setattr(parent, child, layers[-1])
+    posterior.PosteriorDraw(layers).install(model)  # all layers' noise at once, per forward
     model.melora_config = config
     return model
 
@@ -140,30 +144,44 @@ def kl_divergence(model: nn.Module, prior_eps: float | Tensor = 0.0) -> Tensor:
     """Sum over adapted layers of each layer's KL against N(0, (sigma_p + prior_eps)^2).
 
     Me-LoRA: paper Eq. 7 (or the exact form, per `kl_variance`); BLoB: the closed-form Gaussian
-    KL of A; LoRA: 0. This reads the parameters directly, which ZeRO-3 does not allow outside a
-    forward: there, use `kl_from_forward`.
+    KL of A; LoRA: 0. Layers with the same shapes are computed at once (`posterior.kl_divergence`).
+    This reads the parameters directly, which ZeRO-3 does not allow outside a forward for the
+    tensors it partitions: there, use `kl_from_forward` (or gather them first).
     """
     layers = [layer for _, layer in adapted_layers(model)]
     if not layers:
         raise MeLoraError("this model has no adapters: call melora.attach(model, config) first")
-    return torch.stack([layer.kl(prior_eps) for layer in layers]).sum()
+    return posterior.kl_divergence(layers, prior_eps)
 
 
 class KLCollector:
-    """Receives each adapted layer's KL while the model's forward runs (see `kl_from_forward`)."""
+    """Receives the KL of the adapted layers while the model's forward runs (`kl_from_forward`):
+    a stacked group's from the model's `PosteriorDraw` when the forward starts, any other layer's
+    from the layer itself inside its own forward."""
 
     def __init__(self, prior_eps: float | Tensor) -> None:
         self.prior_eps = prior_eps
         self.terms: list[Tensor] = []
+        self.seen: set[int] = set()  # the layers whose KL is in `terms`
 
     def __call__(self, layer: LoraLinear) -> None:
-        self.terms.append(layer.kl(self.prior_eps))
+        if id(layer) not in self.seen:
+            self.seen.add(id(layer))
+            self.terms.append(layer.kl(self.prior_eps))
+
+    def add_group(self, layers: list[LoraLinear], kl: Tensor | None) -> None:
+        """The KL of a group of layers, computed at once (None: LoRA layers, whose KL is 0)."""
+        self.seen.update(map(id, layers))
+        if kl is not None:
+            self.terms.append(kl)
 
     def total(self) -> Tensor:
         """The summed KL of every layer that ran a forward inside the context."""
-        if not self.terms:
+        if not self.seen:
             raise MeLoraError("no adapted layer ran a forward inside kl_from_forward")
-        return torch.stack(self.terms).sum()
+        if not self.terms:  # LoRA layers only
+            return torch.zeros(())
+        return torch.stack(self.terms).sum() if len(self.terms) > 1 else self.terms[0]
 
 
 @contextmanager
@@ -182,7 +200,8 @@ def kl_from_forward(model: nn.Module, prior_eps: float | Tensor = 0.0) -> Iterat
     for layer in layers:
         layer.kl_hook = collector
     try:
-        yield collector
+        with posterior.collecting_kl(layers, collector):
+            yield collector
     finally:
         for layer in layers:
             layer.kl_hook = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,13 @@ from torch import Tensor, nn
 from melora.config import AdapterConfig
 
 SAMPLING_MODES = ("auto", "mean", "sample")
+
+
+class PosteriorDrawLike(Protocol):
+    """What a layer asks of the draw made for its model's forward (`posterior.PosteriorDraw`)."""
+
+    def valid(self) -> bool: ...
+
 
 LOG_FLOOR = 1e-6
 """Added to a posterior std inside the KL's log (as BLoB's code does). An optimiser step can take
@@ -64,6 +72,12 @@ class LoraLinear(nn.Module):
         self.sampling_mode = "auto"
         # Set by `adapters.kl_from_forward`: called with the layer itself inside its forward.
         self.kl_hook: Callable[[LoraLinear], None] | None = None
+        # Set by `posterior.PosteriorDraw` (installed by `adapters.attach`): the posterior noise of
+        # all the model's layers is drawn at once when the model's forward starts (`drawn_noise`,
+        # or only its standard normal part: `standard_normal`).
+        self.posterior_draw: PosteriorDrawLike | None = None
+        self.drawn: Tensor | None = None
+        self.drawn_normal: Tensor | None = None
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.r, device=device))
@@ -90,6 +104,25 @@ class LoraLinear(nn.Module):
         if self.sampling_mode == "auto":
             return self.training
         return self.sampling_mode == "sample"
+
+    def drawn_noise(self) -> Tensor | None:
+        """This forward's posterior noise, drawn for all layers at once, or None: make your own.
+
+        Valid inside the forward of the model it was drawn for, and in the backward after it
+        (where activation checkpointing recomputes the layer: it must see the same draw). A layer
+        called on its own, outside its model's forward, draws its own noise.
+        """
+        return self._this_forwards(self.drawn)
+
+    def standard_normal(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """E ~ N(0, I) of `shape`: this forward's, drawn for all layers at once where it was
+        (the same numbers as `drawn_noise` is made from), else a fresh draw."""
+        E = self._this_forwards(self.drawn_normal)
+        return torch.randn(shape, device=like.device, dtype=like.dtype) if E is None else E
+
+    def _this_forwards(self, t: Tensor | None) -> Tensor | None:
+        draw = self.posterior_draw
+        return None if t is None or draw is None or not draw.valid() else t
 
     def applies_dropout(self, sample: bool) -> bool:
         """Dropout while sampling: in `train()` for every method, in `eval()` for LoRA only (MCD)."""
@@ -169,7 +202,9 @@ class MeLoraLinear(LoraLinear):
         if not sample:
             v = F.linear(u, M)
         elif self.config.sample_granularity == "batch" or u.dim() == 1:
-            C = torch.addcmul(M, self.omega, torch.randn_like(M))
+            C = self.drawn_noise()  # drawn with the other layers' (PosteriorDraw)
+            if C is None:
+                C = torch.addcmul(M, self.omega, self.standard_normal(M.shape, M))
             v = F.linear(u, C)
         else:  # one C per example: u is (b, ..., r), C is (b, r, r)
             b = u.shape[0]
@@ -179,23 +214,10 @@ class MeLoraLinear(LoraLinear):
         return F.linear(v, upcast(self.lora_B))
 
     def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
-        """KL(q(C) A || N(0, s_p^2)) with s_p = sigma_p + prior_eps (METHOD.md, paper Eq. 7-8).
-
-        paper: 1/(2 s_p^2) (||M A||_F^2 + ||Omega |A| ||_F^2) - sum_kl log(Omega_kl + LOG_FLOOR)
-               (constants dropped)
-        exact: sum_ij [log(s_p / std_ij) + (std_ij^2 + (M A)_ij^2) / (2 s_p^2) - 1/2],
-               std_ij^2 = ((Omega**2) @ (A**2))_ij, the exact marginal variance of (C A)_ij
-               (its log floored as in `gaussian_kl`).
-        """
+        """KL(q(C) A || N(0, s_p^2)) with s_p = sigma_p + prior_eps: `melora_kl` of this layer."""
         s_p = self.config.sigma_p + prior_eps
-        A = upcast(self.lora_A)
-        mean_q = upcast(self.lora_M) @ A
-        if self.config.kl_variance == "paper":
-            std_q = self.omega @ A.abs()
-            log_omega = torch.log(self.omega + LOG_FLOOR)
-            return (mean_q.pow(2).sum() + std_q.pow(2).sum()) / (2 * s_p**2) - log_omega.sum()
-        var_q = self.omega.pow(2) @ A.pow(2)
-        return gaussian_kl(mean_q, var_q, s_p)
+        A, M = upcast(self.lora_A), upcast(self.lora_M)
+        return melora_kl(A, M, self.omega, s_p, self.config.kl_variance)
 
     def mean_lora_factors(self) -> tuple[Tensor, Tensor]:
         """A' = M A, so that B A' = B M A is the mean update."""
@@ -247,15 +269,20 @@ class BlobLinear(LoraLinear):
         """(A~ - M_A) x for one draw (per forward or per example), with flipout if enabled."""
         per_example = self.config.sample_granularity == "example" and x.dim() > 1
         shape = (x.shape[0], *self.lora_A.shape) if per_example else self.lora_A.shape
-        noise_A = self.a_std * torch.randn(shape, device=x.device, dtype=x.dtype)
-        if self.config.flipout:
-            x = x * _random_signs(x.shape, x)
+        noise_A = None if per_example else self.drawn_noise()  # drawn with the other layers'
+        if noise_A is None:
+            E = torch.randn(shape, device=x.device, dtype=x.dtype) if per_example else None
+            noise_A = self.a_std * (self.standard_normal(shape, x) if E is None else E)
+        n = x.shape[-1]
+        if self.config.flipout:  # the signs of the input (n) and of the output (r), in one draw
+            flips = torch.randint(0, 2, (*x.shape[:-1], n + self.r), device=x.device, dtype=x.dtype)
+            x = _flip(x, flips[..., :n])
         if per_example:
             out = torch.einsum("b...n,brn->b...r", x, noise_A)
         else:
             out = F.linear(x, noise_A)
         if self.config.flipout:
-            out = out * _random_signs(out.shape, out)
+            out = _flip(out, flips[..., n:])
         return out
 
     def kl(self, prior_eps: float | Tensor = 0.0) -> Tensor:
@@ -267,15 +294,46 @@ class BlobLinear(LoraLinear):
         return {"A": self.lora_A, "B": self.lora_B, "A_std": self.a_std}
 
 
+def melora_kl(A: Tensor, M: Tensor, omega: Tensor, s_p: float | Tensor, kl_variance: str) -> Tensor:
+    """KL(q(C) A || N(0, s_p^2)) of Me-LoRA (METHOD.md, paper Eq. 7-8), summed over its entries.
+
+    For one layer (A: r x n; M, Omega: r x r) or a stack of layers with the same shapes
+    (L x r x n and L x r x r: the sum over the layers, computed with batched products).
+
+    paper: 1/(2 s_p^2) (||M A||_F^2 + ||Omega |A| ||_F^2) - sum_kl log(Omega_kl + LOG_FLOOR)
+           (constants dropped)
+    exact: sum_ij [log(s_p / std_ij) + (std_ij^2 + (M A)_ij^2) / (2 s_p^2) - 1/2],
+           std_ij^2 = ((Omega**2) @ (A**2))_ij, the exact marginal variance of (C A)_ij
+           (its log floored as in `gaussian_kl`).
+    """
+    if A.dim() == 2:  # one layer: a stack of one
+        A, M, omega = A[None], M[None], omega[None]
+    if kl_variance == "paper":
+        # ||M A||^2 + ||Omega |A| ||^2 as one batched product: [M; Omega] @ [A; |A|] (2L x r x n)
+        products = torch.cat([M, omega]) @ torch.cat([A, A.abs()])
+        log_omega = torch.log(omega + LOG_FLOOR).sum()
+        return _sum_of_squares(products) / (2 * s_p**2) - log_omega
+    return gaussian_kl(M @ A, omega.square() @ A.square(), s_p)
+
+
 def gaussian_kl(mean: Tensor, var: Tensor, s_p: float | Tensor) -> Tensor:
     """sum_ij KL(N(mean_ij, var_ij) || N(0, s_p^2)) = sum [log(s_p/std) + (var + mean^2)/(2 s_p^2) - 1/2].
 
     log std is taken as 1/2 log(var + LOG_FLOOR^2): finite at var = 0, and its gradient bounded
     (about 1000 in BLoB's R_A), while a std of 1e-4 or more moves it by under 1e-4.
+    Computed as N (log s_p - 1/2) - 1/2 sum log(var + LOG_FLOOR^2) + (sum var + sum mean^2) / (2 s_p^2),
+    N = mean.numel(): the same sum in fewer operations.
     """
-    s_p = torch.as_tensor(s_p, dtype=mean.dtype, device=mean.device)
-    log_std = 0.5 * torch.log(var + LOG_FLOOR**2)
-    return (torch.log(s_p) - log_std + (var + mean.pow(2)) / (2 * s_p**2) - 0.5).sum()
+    n = mean.numel()
+    log_s_p = torch.log(s_p) if isinstance(s_p, Tensor) else math.log(s_p)
+    log_var = torch.log(var + LOG_FLOOR**2).sum()
+    return n * (log_s_p - 0.5) - 0.5 * log_var + (var.sum() + _sum_of_squares(mean)) / (2 * s_p**2)
+
+
+def _sum_of_squares(t: Tensor) -> Tensor:
+    """sum(t**2) in one operation (a dot product of the flattened tensor with itself)."""
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat)
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -288,9 +346,10 @@ def upcast(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t))
 
 
-def _random_signs(shape: torch.Size, like: Tensor) -> Tensor:
-    """Independent +-1 entries, each with probability 1/2."""
-    return torch.randint(0, 2, shape, device=like.device, dtype=like.dtype) * 2 - 1
+def _flip(t: Tensor, flips: Tensor) -> Tensor:
+    """t * (1 - 2 flips) for flips in {0, 1}: each entry's sign flipped with probability 1/2
+    (flips ~ Bernoulli(1/2)), as one operation: t - 2 t flips."""
+    return torch.addcmul(t, t, flips, value=-2)
 
 
 LAYER_CLASSES: dict[str, type[LoraLinear]] = {

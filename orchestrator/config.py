@@ -792,22 +792,6 @@ def _check_combinations(cfg: RunConfig) -> None:
             "temperature on the validation split, and the 'blob' policy has none. Use "
             "task.split_policy 'paper' or 'laplace'"
         )
-    r, workers = cfg.adapter.r, cfg.scaling.num_workers
-    if (
-        cfg.scaling.zero_stage == 3
-        and cfg.adapter.method == "melora"
-        and cfg.optim.kl_optimizer == "sgd"
-        and (r * r) % workers
-    ):
-        fits = [w for w in range(1, r * r + 1) if (r * r) % w == 0 and w <= 2 * workers]
-        raise ConfigError(
-            f"adapter.r={r} with scaling.num_workers={workers} cannot run under "
-            "scaling.zero_stage=3 with optim.kl_optimizer='sgd': the SGD step on the KL writes "
-            "DeepSpeed's fp32 copy of each adapter tensor (safe_set_full_fp32_param), which cuts "
-            f"it into {workers} equal parts, and M and H have r x r = {r * r} entries. Use a "
-            f"number of workers that divides {r * r} (e.g. {fits[-3:]}), an adapter.r whose "
-            "square it divides, optim.kl_optimizer 'joint', or scaling.zero_stage 2"
-        )
     dtype = cfg.model.resolved_dtype(on_gpu=cfg.scaling.use_gpu)
     if cfg.scaling.zero_stage == 0 and dtype == "bfloat16":
         raise ConfigError(

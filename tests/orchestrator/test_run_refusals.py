@@ -1,6 +1,5 @@
-"""Runs that cannot run as asked are refused by name: `scaling.use_gpu` without a GPU, a ZeRO-3
-SGD KL step whose tensors do not split over the workers, and prompts longer than task.max_length
-(found by the driver, before any worker starts)."""
+"""Runs that cannot run as asked are refused by name: `scaling.use_gpu` without a GPU, and prompts
+longer than task.max_length (found by the driver, before any worker starts)."""
 
 from __future__ import annotations
 
@@ -50,22 +49,6 @@ def test_driver_refuses_before_tracking_on_a_local_ray_without_gpus(
     monkeypatch.setattr(trainer, "_started_local_ray", False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     trainer.check_gpu_resources(run)
-
-
-@pytest.mark.parametrize("workers", [3, 6])
-def test_zero3_sgd_refuses_workers_that_do_not_divide_r_squared(workers: int) -> None:
-    """safe_set_full_fp32_param cuts a tensor into num_workers equal parts: 64 = 8 x 8 on 3 or 6
-    workers cannot be cut so; 4 or 8 workers, the joint KL, or ZeRO-2 run."""
-    base = {"scaling.zero_stage": 3, "optim.kl_optimizer": "sgd", "adapter.r": 8}
-    with pytest.raises(
-        ConfigError, match=r"adapter\.r=8 with scaling\.num_workers=" + str(workers)
-    ):
-        RunConfig().with_overrides({**base, "scaling.num_workers": workers})
-    RunConfig().with_overrides({**base, "scaling.num_workers": 4})
-    RunConfig().with_overrides({**base, "scaling.num_workers": workers, "scaling.zero_stage": 2})
-    RunConfig().with_overrides(
-        {**base, "scaling.num_workers": workers, "optim.kl_optimizer": "joint"}
-    )
 
 
 def test_prompts_longer_than_max_length_are_refused_before_tracking(tmp_path: Path) -> None:
