@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         k for k in result.metrics if k.startswith(("test/", "ood/")) and k.endswith("_n0")
     ):
         print(f"  {key:40s} {result.metrics[key]:.4f}")
+    if result.model_id:
+        print(
+            f"MLflow model models:/{result.model_id}; ask it: python jobs/predict.py --model "
+            f"models:/{result.model_id} --input questions.jsonl"
+        )
     if result.tracking_uri.startswith("sqlite:///"):
         print(f"compare runs: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
     return 0

@@ -2,7 +2,13 @@
 
 The package is usable on its own (torch, transformers, peft, datasets); it never imports ray,
 deepspeed or mlflow.
+
+`load_predictor` / `Predictor` (ask a trained adapter, `melora.predict`) are imported on first
+use: they need `melora.tasks` (datasets), which `import melora` alone does not load.
 """
+
+import importlib
+from typing import Any
 
 from melora.adapters import (
     adapted_layers,
@@ -23,15 +29,39 @@ from melora.config import AdapterConfig
 from melora.errors import AdapterStateError, ConfigError, MeLoraError, TargetModuleError
 from melora.layers import BlobLinear, LoraLinear, MeLoraLinear
 
+_LAZY = {  # name -> module, imported on first access (PEP 562)
+    name: "melora.predict"
+    for name in (
+        "Abstention",
+        "Answer",
+        "Predictor",
+        "abstention_threshold",
+        "load_base_model",
+        "load_predictor",
+        "read_prompts",
+    )
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'melora' has no attribute {name!r}")
+
+
 __all__ = [
+    "Abstention",
     "AdapterConfig",
     "AdapterStateError",
+    "Answer",
     "BlobLinear",
     "ConfigError",
     "LoraLinear",
     "MeLoraError",
     "MeLoraLinear",
+    "Predictor",
     "TargetModuleError",
+    "abstention_threshold",
     "adapted_layers",
     "adapter_config",
     "adapter_parameters",
@@ -42,7 +72,10 @@ __all__ = [
     "kl_divergence",
     "kl_from_forward",
     "load_adapter",
+    "load_base_model",
+    "load_predictor",
     "read_adapter_config",
+    "read_prompts",
     "sampling",
     "save_adapter",
 ]

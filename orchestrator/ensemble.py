@@ -5,12 +5,12 @@
     # run's other settings; a FINISHED one already tracked is reused, a missing one is trained
     result = evaluate_ensemble_run(run, member_run_ids)   # the ensemble's evaluation alone
 
-The ENS run has the tags of every run (method=ens, task, seed = the ENS seed, git_sha, [sweep])
-plus `ensemble_members` (the member run ids, comma-separated); the params of its config plus
-`ensemble.member_run_ids`, `ensemble.member_seeds` and `ensemble.size`; the same metric keys as
-every run (`test/<task>/<metric>_n<N>`, `ood/<task>/<metric>_n<N>`), where every N equals N = 0
-because LoRA members are deterministic; reliability diagrams, `config/resolved.yaml` and
-`ensemble/members.json`. The probabilities of the members are averaged (`melora.baselines`),
+The ENS run has the tags of every run (method=ens, task, seed = the ENS seed, [sweep], MLflow's
+`mlflow.source.*`) plus `ensemble_members` (the member run ids, comma-separated); the params of its
+config plus `ensemble.member_run_ids`, `ensemble.member_seeds` and `ensemble.size`; the same metric
+keys as every run (`test/<task>/<metric>_n<N>`, `ood/<task>/<metric>_n<N>`), where every N
+equals N = 0 because LoRA members are deterministic; reliability diagrams, `config/resolved.yaml`
+and `ensemble/members.json`. The probabilities of the members are averaged (`melora.baselines`),
 with one base model in memory and each member's adapter loaded in turn.
 
 Std over seeds: ENS seeds 1, 2, 3 use disjoint member sets (LoRA seeds 1-3, 4-6, 7-9), so their

@@ -36,6 +36,11 @@ naming the failed trials; `--resume` does not retry them (a NaN loss would fail 
 `--resume --retry-failed` does: Tune resumes its errored trials, each trial's fit_run resumes the
 same (FAILED) MLflow run from its last checkpoint, and the parent run ends FINISHED when they all
 finish. A trial that ASHA stops is marked KILLED in MLflow, with the step it reached.
+
+The sweep's result has a name: when it ends, the MLflow model of its best trial (each trained
+trial's adapter is one, logged by fit_run) becomes a new version of the registered model named
+after the sweep, tagged with the parent run and the metric (`register_best_model`; ENS and LAP
+trials have no single-adapter model, so the best trial that has one is registered).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from melora.errors import MeLoraError
-from orchestrator import state_files, tracking
+from orchestrator import mlflow_model, state_files, tracking
 from orchestrator.config import RunConfig
 from orchestrator.redaction import redact
 from orchestrator.sweep_config import (
@@ -191,12 +196,7 @@ def _open_parent(plan: SweepPlan, state: Mapping[str, Any], experiment_id: str) 
         uri,
         experiment_id,
         plan.name,
-        {
-            "sweep": plan.name,
-            "kind": "sweep",
-            "config_hash": plan.config_hash(),
-            "git_sha": tracking.git_sha(),
-        },
+        {"sweep": plan.name, "kind": "sweep", "config_hash": plan.config_hash()},
         None,
         state.get("start_id"),
         lambda pending: _write_state(plan, None, pending["start_id"]),
@@ -256,7 +256,8 @@ def ensemble_step(plan: SweepPlan, parent_run_id: str) -> dict[str, str]:
     if not ensembles:
         return {}
     evaluate = ray.remote(num_cpus=0, max_retries=0)(_evaluate_ensemble_trial)
-    refs = [evaluate.remote(t.run, parent_run_id, plan.name) for t in ensembles]
+    source = tracking.source_tags()  # this driver's script and commit, not the Ray task's
+    refs = [evaluate.remote(t.run, parent_run_id, plan.name, source) for t in ensembles]
     errors = {}
     for t, reason in zip(ensembles, ray.get(refs), strict=True):
         if reason is not None:
@@ -265,12 +266,15 @@ def ensemble_step(plan: SweepPlan, parent_run_id: str) -> dict[str, str]:
     return errors
 
 
-def _evaluate_ensemble_trial(run: RunConfig, parent_run_id: str, sweep: str) -> str | None:
-    """One ENS trial's evaluation (`fit_ensemble`, members already trained); None, or why not."""
+def _evaluate_ensemble_trial(
+    run: RunConfig, parent_run_id: str, sweep: str, source: Mapping[str, str]
+) -> str | None:
+    """One ENS trial's evaluation (`fit_ensemble`, members already trained; `source`: the
+    driver's MLflow source tags); None, or why not."""
     from orchestrator.ensemble import fit_ensemble
 
     try:
-        fit_ensemble(run, parent_run_id, sweep, train_missing=False)
+        fit_ensemble(run, parent_run_id, sweep, train_missing=False, tags=dict(source))
     except MeLoraError as err:
         return f"not evaluated: {err}"
     return None
@@ -296,6 +300,7 @@ def train_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
             parent_run_id=plan["parent_run_id"],
             sweep=plan["sweep"],
             callbacks=[ForwardValidation(plan["metric"], run.optim.max_steps)],
+            source=plan.get("source"),
         )
         run_id, metrics = result.mlflow_run_id, result.metrics
     final = {k: v for k, v in metrics.items() if k.startswith(("test/", "ood/"))}
@@ -512,10 +517,12 @@ def mlflow_ui_hint(uri: str) -> str:
 
 # ----- helpers: the Tune side ---------------------------------------------------------------------
 def _plan_data(plan: SweepPlan, parent_run_id: str) -> dict[str, Any]:
-    """The plain data a trainable needs (travels through Ray's object store)."""
+    """The plain data a trainable needs (travels through Ray's object store), with the driver's
+    MLflow source tags: a trial's process runs Ray's script, not jobs/sweep.py."""
     return {
         "sweep": plan.name,
         "parent_run_id": parent_run_id,
+        "source": tracking.source_tags(),
         "tracking_uri": plan.tracking_uri,
         "metric": plan.sweep.metric,
         "search": plan.sweep.search,
@@ -676,7 +683,8 @@ def _log_plan(plan: SweepPlan, parent_run_id: str) -> None:
 
 
 def _finish_parent(outcome: SweepOutcome) -> None:
-    """Log the best trial on the parent run and end it (left RUNNING while trials are unfinished)."""
+    """Log the best trial on the parent run, register its model once the sweep ended
+    (`register_best_model`), and end the run (left RUNNING while trials are unfinished)."""
     uri, parent = outcome.plan.tracking_uri, outcome.parent_run_id
     tags: dict[str, Any] = {
         "trials_total": len(outcome.trials),
@@ -685,6 +693,8 @@ def _finish_parent(outcome: SweepOutcome) -> None:
         "trials_stopped": outcome.count("KILLED"),
     }
     best = outcome.best
+    if not outcome.unfinished:  # the sweep ended: its best model gets a registry version
+        tags.update(register_best_model(outcome))
     if best is not None:
         tags.update({"best_trial": best.name, "best_run_id": best.run_id})
         tags.update({f"best.{k}": format_value(v) for k, v in best.values.items()})
@@ -710,6 +720,68 @@ def _finish_parent(outcome: SweepOutcome) -> None:
         )
     else:
         tracking.set_terminated(uri, parent, "FINISHED")
+
+
+def best_model_trial(outcome: SweepOutcome) -> TrialOutcome | None:
+    """The best trial (by the sweep's metric and mode) among those with an MLflow model of their
+    own: FINISHED trained trials whose method is one adapter's predictive. It is `outcome.best`
+    unless that is an ENS or LAP trial (their predictive is not one adapter's)."""
+    metric = outcome.plan.sweep.metric
+    candidates = [
+        o
+        for o in outcome.trials
+        if o.status == "FINISHED"
+        and o.role == TRAINED
+        and o.run_id is not None
+        and o.run is not None
+        and mlflow_model.unloggable_reason(o.run) is None
+        and math.isfinite(o.metrics.get(metric, math.nan))
+    ]
+    pick = max if outcome.plan.mode == "max" else min
+    return pick(candidates, key=lambda o: o.metrics[metric]) if candidates else None
+
+
+def register_best_model(outcome: SweepOutcome) -> dict[str, str]:
+    """Register the model of `best_model_trial` as a new version of the registered model named
+    after the sweep (one version per sweep run: a resumed sweep that ends again adds none), with
+    the version tags melora.sweep_run_id (the parent run), melora.sweep_metric and
+    melora.sweep_metric_value, melora.sweep_trial. A trial whose model was not logged (its
+    logging failed) gets it logged now. Returns the parent run's tags: best_model
+    ('models:/<sweep>/<version>'), or registry_error with the reason: a model that cannot be
+    registered is a warning, not a failed sweep (every trial's results are in MLflow)."""
+    plan, uri = outcome.plan, outcome.plan.tracking_uri
+    trial = best_model_trial(outcome)
+    if trial is None:
+        return {}
+    metric = plan.sweep.metric
+    tags = {
+        mlflow_model.SWEEP_RUN_TAG: outcome.parent_run_id,
+        mlflow_model.SWEEP_METRIC_TAG: metric,
+        mlflow_model.SWEEP_VALUE_TAG: repr(trial.metrics[metric]),
+        mlflow_model.SWEEP_TRIAL_TAG: trial.name,
+    }
+    try:
+        model_id = mlflow_model.run_model_id(uri, trial.run_id) or mlflow_model.log_run_model(
+            uri, trial.run_id, trial.run
+        )
+        version, created = mlflow_model.register_best(uri, plan.name, model_id, trial.run_id, tags)
+    except Exception as err:
+        reason = tracking.redact_text(f"{type(err).__name__}: {err}")
+        print(
+            f"[sweep] warning: the model of the best trial {trial.name} could not be registered "
+            f"as {plan.name!r} in the MLflow Model Registry ({reason})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return {"registry_error": reason}
+    best = outcome.best
+    note = "" if best is None or best.name == trial.name else f" ({best.name}, the best, has none)"
+    print(
+        f"[sweep] {plan.name}: the model of {trial.name}{note} is "
+        f"{'registered as' if created else 'already'} models:/{plan.name}/{version}",
+        flush=True,
+    )
+    return {"best_model": f"models:/{plan.name}/{version}"}
 
 
 def _mean_std(values: list[float], scale: float) -> str:

@@ -1,4 +1,6 @@
-"""Everything MLflow, in one place: the only module of the project that imports mlflow.
+"""Everything MLflow about runs, in one place: with `orchestrator.mlflow_model` (a run's adapter as an
+MLflow model, the Model Registry; its pyfunc code `orchestrator/adapter_pyfunc.py`), the only
+module of the project that imports mlflow.
 
 Small stateless functions over `MlflowClient(tracking_uri=uri)`: no global `mlflow.set_tracking_uri`
 and no active-run state, because Ray workers share processes and one process may log to several
@@ -7,9 +9,10 @@ rank 0 of the workers logs to that run id, and a restarted worker reuses it.
 
     uri = resolve_tracking_uri(cfg.tracking)
     check_reachable(uri)
-    experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+    experiment_id = ensure_experiment(uri, cfg.tracking.experiment)   # of kind finetuning
     run_id = start_or_resume_run(uri, experiment_id, run_name=cfg.run_name, tags={...})
     log_params(uri, run_id, cfg.flat_params())
+    log_dataset_inputs(uri, run_id, [SplitInput("demo/train", "train", rows, "train", ...)])
     log_metrics(uri, run_id, {"train/nll": 0.7, "train/kl": 12.0}, step=10)
     set_terminated(uri, run_id, "FAILED", reason="train/nll is nan at step 37")
 
@@ -18,7 +21,13 @@ MLflow outages (a tracking server that goes away mid-run): rank 0 logs its metri
 for later, so that a down server costs no metric point and blocks no training step; `short_calls`
 bounds each MLflow HTTP call (MLflow's own defaults retry for minutes), `call_until` retries a
 call for a bounded time, and `flush_pending` sends a spool left behind by a run that ended while
-the server was down.
+the server was down. `SystemMetrics` samples MLflow's system metrics (CPU, memory, GPU) of the
+machine that trains into the run.
+
+What MLflow's UI builds on, set here the way `mlflow.start_run` would: the experiment's kind
+(`mlflow.experimentKind: finetuning`, so the UI opens on the training runs), the runs' source tags
+(`mlflow.source.name`, `.type`, `.git.commit`, `.git.dirty`; `MlflowClient.create_run` sets none by
+itself), the dataset inputs (the runs table's Dataset column) and the `system/*` metrics.
 """
 
 from __future__ import annotations
@@ -29,9 +38,12 @@ import os
 import posixpath
 import re
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,8 +52,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, SourceType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_GIT_DIRTY,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
 
 from melora.errors import MeLoraError
 from orchestrator import state_files
@@ -56,6 +75,19 @@ METRICS_PER_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 TRUNCATED = "...[truncated]"
 _NAME = re.compile(r"[\w./\- ]+")  # MLflow's allowed characters, minus ':' (refused on Windows)
+REPO = Path(__file__).resolve().parents[1]  # this project's checkout
+# MLflow 3's experiment type, read by its UI to choose the page an experiment opens on. 3.17 has no
+# Python constant for it; its UI's ExperimentKind enum has FINETUNING = "finetuning".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+FINETUNING = "finetuning"
+# Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint (Ray 2.60,
+# ray._private.runtime_env.constants): the run's source is then a JOB, else LOCAL.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+DATASET_CONTEXTS = ("train", "validation", "test", "ood")  # a dataset input's mlflow.data.context
+SYSTEM_METRICS_STOP_WAIT_S = 5.0  # how long stopping the system metrics waits for their thread
+DATASET_INSERT_TRIES = 3  # log_dataset_inputs: tries when another run inserted the dataset first
+# a unique-key violation, as SQLite, PostgreSQL and MySQL word it
+_DUPLICATE_KEY = re.compile(r"UNIQUE constraint failed|duplicate key value|Duplicate entry", re.I)
 
 
 class TrackingError(MeLoraError, RuntimeError):
@@ -117,10 +149,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 # ----- experiments and runs ---------------------------------------------------------------------
 def ensure_experiment(uri: str, name: str, artifact_location: str | None = None) -> str:
-    """The id of the experiment `name`, created when missing.
+    """The id of the experiment `name`, created when missing, of kind `finetuning`.
 
     With a sqlite URI and no `artifact_location`, artifacts go to `<database folder>/mlruns`
-    (absolute), next to the database, wherever the process runs.
+    (absolute), next to the database, wherever the process runs. The experiment carries the tag
+    `mlflow.experimentKind: finetuning`, so that MLflow's UI opens it on its training runs (not
+    on the GenAI overview): a new one from its creation, an existing one without a kind when this
+    project adds a run to it. A kind someone set is kept.
     """
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)
@@ -129,7 +164,9 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None = None)
         if artifact_location is None and db is not None and db.name not in ("", ":memory:"):
             artifact_location = (db.resolve().parent / "mlruns").as_uri()
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: FINETUNING}
+            )
         except MlflowException:
             experiment = client.get_experiment_by_name(name)  # another process created it first
             if experiment is None:
@@ -139,6 +176,8 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None = None)
             f"the MLflow experiment {name!r} at {redact_uri(uri)} is deleted: restore it "
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or choose another tracking.experiment"
         )
+    if not experiment.tags.get(EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, FINETUNING)
     return experiment.experiment_id
 
 
@@ -152,9 +191,12 @@ def start_or_resume_run(
 ) -> str:
     """Create the run once (with `tags`, under `parent_run_id` if given), or resume `run_id`.
 
-    Resuming never creates a second run: it checks that `run_id` exists in `experiment_id`, sets
-    its status back to RUNNING and removes a `failure_reason` tag left by an earlier failure. Store the returned id with the Ray Train run and pass it on
-    every restart.
+    A new run carries MLflow's source tags (`source_tags()`: this process's script, LOCAL or JOB,
+    the git commit) unless `tags` gives them: a run made in a Ray worker on behalf of a job passes
+    the job's own, read in its driver. Resuming never creates a second run and changes no tag but
+    one: it checks that `run_id` exists in `experiment_id`, sets its status back to RUNNING and
+    removes a `failure_reason` tag left by an earlier failure. Store the returned id with the Ray
+    Train run and pass it on every restart.
     """
     client = _client(uri)
     if run_id:
@@ -173,9 +215,12 @@ def start_or_resume_run(
         if "failure_reason" in run.data.tags:  # a FAILED run retried: the old reason is history
             client.delete_tag(run_id, "failure_reason")
         return run_id
+    tags = dict(tags or {})
+    if MLFLOW_SOURCE_NAME not in tags:
+        tags = {**source_tags(), **tags}
     clean = {
         k: _truncate(redact_text(str(v)), MAX_TAG_LENGTH)
-        for k, v in (tags or {}).items()
+        for k, v in tags.items()
         if not is_secret_key(k)
     }
     if parent_run_id:
@@ -214,7 +259,16 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> list[str]:
 
 
 def param_text(value: Any) -> str:
-    """A param value as `log_params` writes it: text, URI credentials redacted, cut to 6000."""
+    """A param value as `log_params` writes it: text, URI credentials redacted, cut to 6000.
+
+    MLflow keeps params as text, and its UI's parallel-coordinates and scatter charts take a
+    param whose values parse as numbers as a numeric axis, any other as a categorical one. So
+    numbers are written as Python writes them, which parse back to the value: an int as '8'
+    (never '8.0': the config refuses 8.0 for an int field), a float in its shortest round-trip
+    form ('0.2', '1e-05', '1.0'; never padded). Booleans are 'True' / 'False', as MLflow's own
+    `log_param` writes them: a two-valued category, and the text every logged run has, so a
+    resumed run's params compare equal.
+    """
     return _truncate(redact_text(str(value)), MAX_PARAM_LENGTH)
 
 
@@ -342,6 +396,228 @@ def eval_metric_key(split: str, task: str, metric: str, n_samples: int) -> str:
     if split not in ("test", "ood"):
         raise ValueError(f"split={split!r}: final metrics are 'test' or 'ood'")
     return _check_name(f"{split}/{task}/{metric}_n{n_samples}")
+
+
+# ----- dataset inputs -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitInput:
+    """One split of a task that a run trains or is evaluated on, as an MLflow dataset input.
+
+    `rows` (a `datasets.Dataset`) give MLflow's digest (a hash of up to 10,000 rows and the row
+    count: equal rows, equal digest), schema and row count; the rows themselves are not uploaded.
+    Where they come from is one of: `hub_path` (+ `hub_config`) on the Hugging Face hub, a local
+    `file` in the hub's schema, or a `generator` function (data made in code).
+    """
+
+    name: str  # the dataset's name in MLflow, e.g. 'arc_easy/validation'
+    context: str  # what the run does with it: 'train', 'validation', 'test' or 'ood'
+    rows: Any  # the split's rows, a datasets.Dataset
+    hub_split: str  # the rows of the hub split, in `datasets` slicing syntax: 'validation[:408]'
+    hub_path: str | None = None  # hub dataset id, e.g. 'allenai/ai2_arc'
+    hub_config: str | None = None  # hub config name, e.g. 'ARC-Easy'
+    file: str | None = None  # the local file the hub split was read from
+    generator: str | None = (
+        None  # the function that made the rows, e.g. 'melora.tasks.demo.shifted'
+    )
+
+
+def log_dataset_inputs(uri: str, run_id: str, splits: list[SplitInput]) -> None:
+    """Log `splits` as the run's dataset inputs (MLflow's Dataset column and the run page's
+    Datasets), each with its role as the input tag `mlflow.data.context`.
+
+    The source is a `HuggingFaceDatasetSource` (the hub id, config and rows of the split: the UI
+    links to the hub), a `LocalArtifactDatasetSource` (the file) or a `CodeDatasetSource` (the
+    generator, and the hub split it made). Logging the same inputs again adds nothing.
+    """
+    import mlflow.data  # pandas and friends: only where datasets are logged
+    from mlflow.data.sources import (
+        CodeDatasetSource,
+        HuggingFaceDatasetSource,
+        LocalArtifactDatasetSource,
+    )
+
+    inputs = []
+    for split in splits:
+        if split.context not in DATASET_CONTEXTS:
+            raise ValueError(
+                f"dataset input {split.name!r}: context {split.context!r} is not one of {list(DATASET_CONTEXTS)}"
+            )
+        if split.generator is not None:
+            source = CodeDatasetSource(
+                tags={"generator": split.generator, "split": split.hub_split}
+            )
+        elif split.file is not None:
+            source = LocalArtifactDatasetSource(split.file)
+        else:
+            source = HuggingFaceDatasetSource(
+                path=split.hub_path, config_name=split.hub_config, split=split.hub_split
+            )
+        with warnings.catch_warnings():  # MLflow's schema hints, pandas' deprecations in it
+            warnings.simplefilter("ignore")
+            info = mlflow.data.from_huggingface(
+                split.rows, name=split.name, source=source
+            ).to_dict()
+        dataset = Dataset(
+            name=info["name"],
+            digest=info["digest"],
+            source_type=info["source_type"],
+            source=redact_text(info["source"]),
+            schema=info.get("schema"),
+            profile=info.get("profile"),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, split.context)]))
+    for attempt in range(DATASET_INSERT_TRIES if inputs else 0):
+        try:
+            _client(uri).log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            # Two runs of one experiment logging the same new dataset at once (a sweep's trials
+            # starting together): MLflow's SQL store checks, then inserts, so one insert fails on
+            # the datasets' unique key and its transaction is rolled back. The dataset exists
+            # now: logging again links it to this run.
+            if not _DUPLICATE_KEY.search(str(err)) or attempt == DATASET_INSERT_TRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def logged_dataset_inputs(uri: str, run_id: str) -> list[tuple[str, str, str]]:
+    """(name, context, digest) of each dataset input of a run, as MLflow has them."""
+    run = _client(uri).get_run(run_id)
+    return [
+        (
+            d.dataset.name,
+            next((t.value for t in d.tags if t.key == MLFLOW_DATASET_CONTEXT), ""),
+            d.dataset.digest,
+        )
+        for d in (run.inputs.dataset_inputs if run.inputs else [])
+    ]
+
+
+# ----- system metrics -------------------------------------------------------------------------------
+class SystemMetrics:
+    """MLflow's system metrics of this machine, logged to one run by a daemon thread.
+
+        monitor = start_system_metrics(uri, run_id)   # None when turned off
+        ...                                           # train
+        monitor.stop()
+
+    The metrics are MLflow's own (its `SystemMetricsMonitor`'s samplers and names):
+    `system/cpu_utilization_percentage`, `system/system_memory_usage_megabytes` and `_percentage`,
+    disk and network, and per NVIDIA GPU `system/gpu_<i>_utilization_percentage`,
+    `_memory_usage_megabytes`, `_memory_usage_percentage` and `_power_usage_watts` (with
+    nvidia-ml-py and an NVIDIA driver; AMD GPUs through pyrsmi). MLflow's variables apply:
+    `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` (seconds, default 10; it wins over
+    `sampling_interval_s`), `MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING` (default 1: one point
+    per interval) and `MLFLOW_SYSTEM_METRICS_NODE_ID` (names become `system/<node>/...`).
+
+    Unlike `mlflow.start_run(log_system_metrics=True)`, it works for a run made by `MlflowClient`,
+    and an MLflow outage costs points, never the run: a point that MLflow does not take is
+    dropped (they are samples, not a record; the training metrics are the ones spooled) and
+    sampling goes on; a refusal (a deleted run) ends the thread, its error kept in `last_error`.
+    `stop()` logs the last, partial interval (so a run shorter than the interval has a point
+    too) and waits at most `wait_s` for the thread, a daemon that a killed process takes along.
+    Steps go on from the run's last one, so a resumed run's points follow its earlier ones.
+    """
+
+    def __init__(self, uri: str, run_id: str, sampling_interval_s: float = 10.0) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.uri, self.run_id = uri, run_id
+        # MLflow's monitor gives the samplers and its settings; its own thread is not used: it
+        # stops for good at the first failed MLflow call, and `finish` waits for MLflow unbounded
+        self._sampler = SystemMetricsMonitor(
+            run_id, sampling_interval=sampling_interval_s, tracking_uri=uri
+        )
+        self.interval_s = float(self._sampler.sampling_interval)
+        self.samples_per_point = max(1, int(self._sampler.samples_before_logging))
+        node = self._sampler.node_id
+        self.prefix = f"system/{node}/" if node else "system/"
+        self.last_error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> SystemMetrics:
+        """Start sampling (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="melora-system-metrics", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        """Whether the sampling thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, wait_s: float = SYSTEM_METRICS_STOP_WAIT_S) -> bool:
+        """Log the last interval and stop; True when the thread ended within `wait_s` seconds
+        (else it ends by itself once its MLflow call returns, logging nothing more)."""
+        if self._thread is None:
+            return True
+        self._stop.set()
+        self._thread.join(wait_s)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        # a first sample sets the baselines, dropped: psutil measures CPU use between two calls
+        # of the same thread
+        self._sampler.collect_metrics()
+        self._clear()
+        step, samples = self._next_step(), 0
+        while True:
+            stopping = self._stop.wait(self.interval_s)
+            self._sampler.collect_metrics()
+            samples += 1
+            if stopping or samples >= self.samples_per_point:
+                values = {self.prefix + k: v for k, v in self._sampler.aggregate_metrics().items()}
+                self._clear()
+                samples = 0
+                try:
+                    log_metrics(self.uri, self.run_id, values, step)
+                except Exception as err:  # the point is dropped
+                    self.last_error = err
+                    if not is_transient(err):
+                        return
+                step += 1
+            if stopping:
+                return
+
+    def _next_step(self) -> int:
+        """The step after the run's last system metrics point: 0 for a new run, or when MLflow
+        does not answer."""
+        try:
+            history = _client(self.uri).get_metric_history(
+                self.run_id, self.prefix + "cpu_utilization_percentage"
+            )
+        except Exception:
+            return 0
+        return max((m.step for m in history), default=-1) + 1
+
+    def _clear(self) -> None:
+        for sampler in self._sampler.monitors:
+            sampler.clear_metrics()
+
+
+def start_system_metrics(uri: str, run_id: str) -> SystemMetrics | None:
+    """`SystemMetrics` of run `run_id`, started; None when `MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`
+    is set to false (MLflow's switch; unset, training runs log them), or, with a warning on
+    stderr, when they cannot be sampled here (say a bad MLFLOW_SYSTEM_METRICS_* value): a run
+    never fails for its system metrics."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING as enabled
+
+    try:
+        if enabled.is_set() and not enabled.get():
+            return None
+        return SystemMetrics(uri, run_id).start()
+    except Exception as err:
+        print(
+            f"[tracking] warning: no system metrics for MLflow run {run_id}: "
+            f"{type(err).__name__}: {redact_text(str(err))}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
 
 
 # ----- outages: bounded calls, and rank 0's metrics spooled on disk -----------------------------
@@ -643,28 +919,67 @@ def flush_pending(folder: str | os.PathLike, uri: str, wait_s: float = 0.0) -> i
     return count
 
 
-# ----- helpers ----------------------------------------------------------------------------------
-def git_sha(repo_dir: str | os.PathLike | None = None) -> str:
-    """The commit of the repository (this project's by default), '+dirty' if tracked files changed; 'unknown' without git."""
-    repo = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parents[1]
+# ----- where a run comes from: MLflow's source tags --------------------------------------------------
+def source_tags(script: str | os.PathLike | None = None) -> dict[str, str]:
+    """MLflow's own source tags for a run started by `script` (default: this process's script):
+    what `mlflow.start_run` sets by itself and `MlflowClient.create_run` does not.
+
+    - `mlflow.source.name`: the script, relative to this checkout when inside it
+      (`entry_point`): 'jobs/train.py', 'jobs/sweep.py'
+    - `mlflow.source.type`: MLflow's SourceType name, JOB under `ray job submit`, else LOCAL
+    - `mlflow.source.git.commit` (the 40-hex commit) and `mlflow.source.git.dirty` ('true' when
+      tracked files differ from it), both left out without git or outside a repository (a
+      `ray job submit` working folder: Ray does not upload .git)
+
+    Read them in the process the person started (the job's driver) and pass them to runs made
+    in Ray workers, whose own script is Ray's.
+    """
+    kind = SourceType.JOB if RAY_JOB_ENV in os.environ else SourceType.LOCAL
+    tags = {MLFLOW_SOURCE_NAME: entry_point(script), MLFLOW_SOURCE_TYPE: SourceType.to_string(kind)}
+    commit = git_commit()
+    if commit is not None:
+        tags[MLFLOW_GIT_COMMIT], dirty = commit
+        tags[MLFLOW_GIT_DIRTY] = "true" if dirty else "false"
+    return tags
+
+
+def entry_point(script: str | os.PathLike | None = None) -> str:
+    """`script` (default `sys.argv[0]`, the script this process runs) as MLflow's source name: a
+    path relative to this checkout when it lies inside it ('jobs/sweep.py', from any working
+    folder), else as given; '<console>' when there is none (MLflow's word for it)."""
+    script = sys.argv[0] if script is None and sys.argv else script
+    if not script or script == "-c":
+        return "<console>"
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+        return Path(script).resolve().relative_to(REPO).as_posix()
+    except (ValueError, OSError):
+        return str(script)
+
+
+def git_commit(repo_dir: str | os.PathLike | None = None) -> tuple[str, bool] | None:
+    """(commit, dirty) of the git repository at `repo_dir` (this checkout by default): the HEAD
+    commit and whether tracked files differ from it; None without git, outside a repository or
+    before its first commit."""
+    repo = str(repo_dir if repo_dir is not None else REPO)
+
+    def git(*args: str) -> str:
+        return subprocess.run(  # no optional locks: `status` leaves the index as it is
+            ["git", "--no-optional-locks", "-C", repo, *args],
             capture_output=True,
             text=True,
             timeout=10,
             check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--verify", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "") if sha else "unknown"
+        return None
+    return (sha, dirty) if sha else None
+
+
+# ----- helpers ----------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=8)

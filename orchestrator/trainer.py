@@ -2,7 +2,7 @@
 
 The driver side of one training run: it checks that MLflow can be reached, creates the run's
 MLflow run once (its id is stored beside the Ray Train run, so a restarted job reuses it), logs
-the resolved config, assembles the `TorchTrainer` (scaling, storage, failure and checkpoint
+the resolved config and the task's splits (as MLflow dataset inputs), assembles the `TorchTrainer` (scaling, storage, failure and checkpoint
 config) and fits it. Ray Train restarts failed workers from the last checkpoint up to
 `scaling.max_failures` times; the MLflow run id travels in the loop config, so every restart
 logs to the same run.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from melora.errors import ConfigError, MeLoraError
-from orchestrator import state_files, tracking
+from orchestrator import mlflow_model, state_files, tracking
 from orchestrator.config import RunConfig
 from orchestrator.preflight import check_run_data
 from orchestrator.redaction import is_secret_key
@@ -51,6 +51,7 @@ class RunResult:
     tracking_uri: str
     metrics: dict[str, Any]
     path: str
+    model_id: str | None = None  # the run's MLflow logged model (None: not logged, see fit_run)
 
 
 def storage_path(run: RunConfig) -> str:
@@ -59,25 +60,77 @@ def storage_path(run: RunConfig) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def run_tags(run: RunConfig, sweep: str | None = None) -> dict[str, str]:
-    """The MLflow tags of a training run (DESIGN.md): method, task, seed, git_sha, [sweep], and the config's own."""
+def run_tags(
+    run: RunConfig, sweep: str | None = None, source: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The MLflow tags of a training run (DESIGN.md): method, task, seed, [sweep], the config's
+    own, and MLflow's source tags: `source` (`tracking.source_tags()` read by the job that
+    started the run, in another process), else this process's."""
     tags = {
         **run.tracking.tags,
         "method": run.adapter.method,
         "task": run.task.name,
         "seed": str(run.seed),
+        **(source or tracking.source_tags()),
     }
-    tags["git_sha"] = tracking.git_sha()
     if sweep:
         tags["sweep"] = sweep
     return tags
 
 
+def task_inputs(run: RunConfig) -> list[tracking.SplitInput]:
+    """The run's data as MLflow dataset inputs: the task's splits under `task.split_policy`
+    (contexts train, validation, test) and the test split of each `task.ood_tasks` set (ood).
+
+    Each names its rows by the hub split and the policy's cut in `datasets` slicing syntax (the
+    paper's validation of BoolQ is 'validation[:1090]', its test 'validation[1090:]') and where
+    they were read: the hub dataset, the file under `task.data_dir`, or the generator of a demo
+    task.
+    """
+    from melora.tasks import get_task, load_task, split_plan
+
+    t = run.task
+    sets = [(t.name, None, None), *((ood, ("test",), "ood") for ood in t.ood_tasks)]
+    inputs = []
+    for name, wanted, context in sets:
+        spec = get_task(name)
+        plan = split_plan(spec, t.split_policy)
+        splits = load_task(name, t.split_policy, t.data_dir, t.prompt_style, wanted)
+        for split, rows in splits.items():
+            hub_split, part = plan[split]
+            if part == "all":
+                cut = hub_split
+            elif part == "head":
+                cut = f"{hub_split}[:{len(rows)}]"
+            else:  # the tail's head is the policy's other split of the same hub split
+                (head,) = (s for s, (h, p) in plan.items() if h == hub_split and p == "head")
+                cut = f"{hub_split}[{len(splits[head])}:]"
+            where: dict[str, str | None]
+            if spec.generate is not None:
+                where = {"generator": f"{spec.generate.__module__}.{spec.generate.__qualname__}"}
+            elif t.data_dir is not None:
+                folder, stem = Path(t.data_dir) / spec.folder, spec.files[hub_split]
+                files = [folder / f"{stem}{suffix}" for suffix in (".jsonl", ".parquet")]
+                where = {"file": str(next((f for f in files if f.is_file()), folder))}
+            else:
+                where = {"hub_path": spec.hub_path, "hub_config": spec.hub_config}
+            inputs.append(
+                tracking.SplitInput(
+                    f"{name}/{split}", context or split, rows, hub_split=cut, **where
+                )
+            )
+    return inputs
+
+
 def prepare_tracking(
-    run: RunConfig, parent_run_id: str | None = None, sweep: str | None = None
+    run: RunConfig,
+    parent_run_id: str | None = None,
+    sweep: str | None = None,
+    source: Mapping[str, str] | None = None,
 ) -> tuple[str, str]:
-    """(tracking URI, MLflow run id): reachable, experiment created, run created once or resumed,
-    params logged.
+    """(tracking URI, MLflow run id): reachable, experiment created (kind finetuning), run created
+    once (tags `run_tags(run, sweep, source)`) or resumed, params logged, and the task's splits
+    logged as dataset inputs (`task_inputs`) once: when the run has none yet.
 
     The run's marker (`melora_run.json` beside its Ray Train folder) records the MLflow run id,
     so that a restart resumes the same run; `create_run_once` makes a kill between creating the
@@ -89,7 +142,7 @@ def prepare_tracking(
     uri = tracking.resolve_tracking_uri(run.tracking)
     tracking.check_reachable(uri)
     experiment_id = tracking.ensure_experiment(uri, run.tracking.experiment)
-    marker, tags = _marker_path(run), run_tags(run, sweep)
+    marker, tags = _marker_path(run), run_tags(run, sweep, source)
     if marker is None:
         run_id = tracking.start_or_resume_run(
             uri, experiment_id, run_name=run.run_name, tags=tags, parent_run_id=parent_run_id
@@ -122,6 +175,8 @@ def prepare_tracking(
             tracking.start_or_resume_run(uri, experiment_id, run_id=run_id)
     tracking.log_params(uri, run_id, run.flat_params())
     tracking.log_text(uri, run_id, run.to_yaml(), "config/resolved.yaml")
+    if not tracking.logged_dataset_inputs(uri, run_id):  # not again when a run resumes
+        tracking.log_dataset_inputs(uri, run_id, task_inputs(run))
     return uri, run_id
 
 
@@ -239,7 +294,8 @@ def finished_run(run: RunConfig) -> RunResult | None:
     record = check_rerun(run, uri, experiment_id, run_id)
     if record is None or record.status != "FINISHED":
         return None
-    return RunResult(run_id, uri, record.metrics, str(_marker_path(run).parent))
+    model_id = mlflow_model.run_model_id(uri, run_id)
+    return RunResult(run_id, uri, record.metrics, str(_marker_path(run).parent), model_id)
 
 
 @contextmanager
@@ -301,16 +357,23 @@ def fit_run(
     sweep: str | None = None,
     fault: dict[str, int] | None = None,
     callbacks: list[Any] | None = None,
+    source: Mapping[str, str] | None = None,
 ) -> RunResult:
     """Train, select, evaluate and track one run; raises RunFailedError (MLflow run FAILED) on failure.
 
+    A run that trained ends FINISHED with its adapter logged as an MLflow model
+    (`orchestrator.mlflow_model`; not for ENS and LAP). When that logging fails the run still
+    ends FINISHED, with a warning and the tag `melora.model_error`: its metrics and adapter
+    artifact are whole, and the model can be logged later (`mlflow_model.log_run_model`).
+
     `fault` ({"rank": r, "step": k}) kills worker r at step k of the first attempt: the
     fault-tolerance test's switch, not a user option. `callbacks`: Ray Train callbacks, e.g. the
-    sweep's forwarding of validation reports to Ray Tune.
+    sweep's forwarding of validation reports to Ray Tune. `source`: MLflow's source tags of the
+    job that asked for the run (`tracking.source_tags()` in its driver; default: this process's).
     """
     check_gpu_resources(run)
     check_run_data(run)  # prompts fit task.max_length, answers are tokens: before any worker starts
-    uri, run_id = prepare_tracking(run, parent_run_id, sweep)
+    uri, run_id = prepare_tracking(run, parent_run_id, sweep, source)
     try:
         result = build_trainer(run, uri, run_id, fault, callbacks).fit()
     except Exception as err:  # Ray wraps worker errors; record the reason, then re-raise
@@ -332,8 +395,17 @@ def fit_run(
         raise RunFailedError(
             f"run {run.run_name} failed (MLflow run {run_id}): {tags.get('failure_reason')}"
         )
+    # The adapter as an MLflow model, its final metrics linked; a failure here leaves a good run
+    # FINISHED, with the tag melora.model_error saying why (mlflow_model.log_run_model_or_warn).
+    model_id = mlflow_model.log_run_model_or_warn(uri, run_id, run)
     tracking.set_terminated(uri, run_id, "FINISHED")
-    return RunResult(mlflow_run_id=run_id, tracking_uri=uri, metrics=metrics, path=str(result.path))
+    return RunResult(
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        metrics=metrics,
+        path=str(result.path),
+        model_id=model_id,
+    )
 
 
 def check_gpu_resources(run: RunConfig) -> None:

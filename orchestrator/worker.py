@@ -762,7 +762,9 @@ class RankZeroLogger:
     when it is still down the worker raises TrackingError (Ray Train may retry it from the last
     checkpoint, under scaling.max_failures), the metrics stay on disk and the error says how to
     send them. Artifacts are not spooled: they are uploaded at the end, retried within that wait,
-    and a run resumed from its last checkpoint uploads them again.
+    and a run resumed from its last checkpoint uploads them again. From its start to `finish` or
+    `fail`, MLflow's system metrics of rank 0's node (CPU, memory, its GPUs) go to the run
+    (`tracking.SystemMetrics`: here, where the GPUs are, not in the driver).
     """
 
     def __init__(
@@ -775,6 +777,7 @@ class RankZeroLogger:
         self.rank, self.uri, self.run_id = rank, tracking_uri, run_id
         self.active = rank == 0 and tracking_uri is not None and run_id is not None
         self.spool: tracking.MetricSpool | None = None
+        self.system_metrics: tracking.SystemMetrics | None = None
         self._reachable = True
         if self.active:
             if spool_dir is None:
@@ -790,6 +793,7 @@ class RankZeroLogger:
                     f"send are in {self.spool.path}: sending them"
                 )
             self._note(self.spool.send())
+            self.system_metrics = tracking.start_system_metrics(tracking_uri, run_id)
 
     def print(self, line: str) -> None:
         if self.rank == 0:
@@ -805,6 +809,8 @@ class RankZeroLogger:
         self.print(f"FAILED: {reason}")
         if not self.active:
             return
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
         wait = tracking.flush_wait_s()
         deadline = time.monotonic() + wait
         self.spool.flush(wait)
@@ -831,6 +837,8 @@ class RankZeroLogger:
         self.print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         if not self.active:
             return
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
         wait = tracking.flush_wait_s()
         deadline = time.monotonic() + wait
         self.log_metrics(final, step)

@@ -362,6 +362,16 @@ class FileClient:
     def set_tag(self, run_id, key, value):
         self._write("tag.json", json.dumps({key: value}))
 
+    def get_run(self, run_id):  # a new run: no dataset inputs yet
+        return SimpleNamespace(inputs=None)
+
+    def log_inputs(self, run_id, datasets=None, models=None):
+        records = [
+            {"dataset": vars(d.dataset), "tags": {t.key: t.value for t in d.tags}}
+            for d in datasets or ()
+        ]
+        self._write("inputs.json", json.dumps(records, default=str))
+
 
 def test_every_writer_leaves_no_planted_secret(dirs, monkeypatch: pytest.MonkeyPatch) -> None:
     """to_yaml and flat_params (the artifacts and params of every run), the sweep's state file and

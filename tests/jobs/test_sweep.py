@@ -97,6 +97,17 @@ def test_killed_sweep_resumes_only_what_was_left(tmp_path: Path, tiny_sweep, sto
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.data.tags["sweep"] == "killed" and r.data.tags["sweep.method"] in METHODS
         assert "test/demo/acc_n0" in r.data.metrics
+    # MLflow's source is the script the person ran, also for trials made in Ray's processes;
+    # the resumed trial kept the dataset inputs of its first start, once each
+    for r in [parent, *children]:
+        assert r.data.tags["mlflow.source.name"] == "jobs/sweep.py", r.info.run_name
+        assert r.data.tags["mlflow.source.type"] == "LOCAL"
+    for r in children:
+        contexts = [i.tags[0].value for i in r.inputs.dataset_inputs]
+        assert sorted(contexts) == ["ood", "test", "train", "validation"], r.info.run_name
+        assert "system/cpu_utilization_percentage" in r.data.metrics
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "finetuning"
     # the first trial was not trained again: same run, same history, same checkpoints
     assert first_run.info.run_id in {r.info.run_id for r in children}
     assert len(client.get_metric_history(first_run.info.run_id, "train/nll")) == first_history
@@ -105,6 +116,20 @@ def test_killed_sweep_resumes_only_what_was_left(tmp_path: Path, tiny_sweep, sto
         == first_checkpoints
     )
     assert "results of sweep killed" in again.stdout and "did not finish" not in again.stderr
+
+    # every trial's adapter is an MLflow model, and the best one is a version of the registered
+    # model named after the sweep, tagged with the parent run and the metric (Model Registry)
+    models = {r.info.run_id: [o.model_id for o in r.outputs.model_outputs] for r in children}
+    assert all(len(ids) == 1 for ids in models.values()), models
+    (version,) = client.search_model_versions("name = 'killed'")
+    best_run = parent.data.tags["best_run_id"]
+    assert version.run_id == best_run and version.source == f"models:/{models[best_run][0]}"
+    assert version.tags["melora.sweep_run_id"] == parent.info.run_id
+    assert version.tags["melora.sweep_metric"] == "val/nll"
+    assert float(version.tags["melora.sweep_metric_value"]) == pytest.approx(
+        parent.data.metrics["best/val/nll"]
+    )
+    assert parent.data.tags["best_model"] == f"models:/killed/{version.version}"
     print(f"resume took {resume_s:.0f} s")  # shown with -s; the budget note is in the README
 
     # jobs/report.py's table, rendered from these runs, shows the runs' own metrics
@@ -185,8 +210,14 @@ def test_ens_trial_is_evaluated_from_its_members_after_the_trained_trials(
     assert ens.data.tags["ensemble_members"] == ",".join(m.info.run_id for m in members)
     assert ens.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert ens.data.tags["method"] == "ens" and "test/demo/acc_n0" in ens.data.metrics
+    assert ens.data.tags["mlflow.source.name"] == "jobs/sweep.py"  # evaluated in a Ray task
     assert [m.data.tags.get("sweep.role") for m in members] == [None, "ens_member", "ens_member"]
     assert [m.data.tags["seed"] for m in members] == ["1", "2", "3"]
+    # the registered model is the best trial that has one (an ENS is no single adapter), once:
+    # the second --resume added no version
+    (version,) = client.search_model_versions("name = 'ens'")
+    assert version.run_id == by_name["ens-lora-seed1"].info.run_id
+    assert version.tags["melora.sweep_run_id"] == parents[0].info.run_id
 
     from orchestrator.report import build_report
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import yaml
@@ -17,6 +19,7 @@ import melora
 from melora import metrics
 from melora.evaluation import predict
 from melora.tasks import demo_model_config, demo_tokenizer, load_task, make_loader
+from orchestrator import tracking
 from orchestrator.config import RunConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -58,7 +61,25 @@ def check_tracked_run(run: RunConfig, result, tmp_path: Path) -> MlflowClient:
     tracked = client.get_run(result.mlflow_run_id)
     assert tracked.info.status == "FINISHED"
     assert tracked.data.tags["method"] == "melora" and tracked.data.tags["task"] == "demo"
-    assert tracked.data.tags["seed"] == str(run.seed) and tracked.data.tags["git_sha"]
+    assert tracked.data.tags["seed"] == str(run.seed)
+    # what MLflow's UI is built from: the experiment's kind, MLflow's own source tags (no custom
+    # git_sha), the task's splits as dataset inputs, and the training node's system metrics
+    kind = client.get_experiment(tracked.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "finetuning"
+    assert tracked.data.tags["mlflow.source.name"] == tracking.entry_point()  # pytest, here
+    assert tracked.data.tags["mlflow.source.type"] == "LOCAL" and "git_sha" not in tracked.data.tags
+    if tracking.git_commit() is not None:
+        assert re.fullmatch(r"[0-9a-f]{40}", tracked.data.tags["mlflow.source.git.commit"])
+        assert tracked.data.tags["mlflow.source.git.dirty"] in ("true", "false")
+    inputs = tracking.logged_dataset_inputs(result.tracking_uri, result.mlflow_run_id)
+    assert [(name, context) for name, context, _ in inputs] == [
+        ("demo/train", "train"),
+        ("demo/validation", "validation"),
+        ("demo/test", "test"),
+        ("demo_ood/test", "ood"),
+    ]
+    assert 0 <= tracked.data.metrics["system/cpu_utilization_percentage"] <= 100
+    assert tracked.data.metrics["system/system_memory_usage_megabytes"] > 0
     assert tracked.data.params["adapter.sigma_p"] == "0.2"
     assert tracked.data.params["scaling.zero_stage"] == str(run.scaling.zero_stage)
     assert len(tracked.data.params) == len(run.flat_params())
@@ -178,6 +199,82 @@ def test_demo_run_end_to_end(zero_stage: int, tmp_path: Path, ray_local, request
     assert metrics.nll(probs, labels) == pytest.approx(val_nll[best_step], rel=1e-4)
 
 
+def test_predict_answers_the_test_prompts_as_the_run_logged(
+    tmp_path: Path, zero2_run, load_script
+) -> None:
+    """jobs/predict.py --run on the demo's test split (its rows are the demo's hub schema) gives
+    the probabilities the run's logged test metrics came from: accuracy and NLL at N = 0 equal
+    (N >= 1 draws depend on how the run sharded the set over its workers, so they are not
+    compared). The run's adapter and config come from its MLflow store."""
+    run, result, _ = zero2_run
+    test = load_task("demo", run.task.split_policy, splits=("test",))["test"]
+    fields = ("id", "question", "context", "choices", "label")
+    questions = tmp_path / "test.jsonl"
+    questions.write_text("".join(json.dumps({k: row[k] for k in fields}) + "\n" for row in test))
+    out = tmp_path / "answers.jsonl"
+    argv = ["--run", result.mlflow_run_id, "--tracking-uri", result.tracking_uri]
+    argv += ["--input", str(questions), "--output", str(out), "--n-samples", "0"]
+    assert load_script("jobs/predict.py").main(argv) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["id"] for a in answers] == test["id"] and len(answers) == 500
+    probs = torch.tensor([a["probs"] + [0.0] * (4 - len(a["probs"])) for a in answers])
+    labels = torch.tensor([a["label"] for a in answers])
+    assert labels.tolist() == test["label"]
+    logged = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics
+    assert metrics.accuracy(probs, labels) == pytest.approx(logged["test/demo/acc_n0"], abs=1e-9)
+    assert metrics.nll(probs, labels) == pytest.approx(logged["test/demo/nll_n0"], rel=1e-5)
+    assert all(a["mutual_information"] is None for a in answers)  # N = 0: nothing drawn
+
+
+def test_the_run_is_an_mlflow_model(tmp_path: Path, zero2_run) -> None:
+    """What MLflow's model views are built from, read through MlflowClient: the run's logged
+    model (READY, in the run's experiment, the run as its source, listed as the run's output) with
+    the run's final metrics linked; and `mlflow.pyfunc.load_model("models:/<id>")` answers demo
+    test prompts with the probabilities of `melora.load_predictor` on the run's adapter, at the
+    run's N (the largest of eval.n_samples), with the mutual information of its draws."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    run, result, _ = zero2_run
+    client = MlflowClient(result.tracking_uri)
+    tracked = client.get_run(result.mlflow_run_id)
+    assert result.model_id is not None and "melora.model_error" not in tracked.data.tags
+    assert [o.model_id for o in tracked.outputs.model_outputs] == [result.model_id]
+    model = client.get_logged_model(result.model_id)
+    assert str(model.status) == "READY" and model.source_run_id == result.mlflow_run_id
+    assert model.experiment_id == tracked.info.experiment_id
+    listed = client.search_logged_models(
+        [tracked.info.experiment_id]
+    )  # the experiment's Models tab
+    assert [m.model_id for m in listed] == [result.model_id]
+    linked = {m.key: m.value for m in model.metrics}
+    final = {k: v for k, v in tracked.data.metrics.items() if k.startswith(("test/", "ood/"))}
+    assert "test/demo/acc_n10" in final and {k: linked.get(k) for k in final} == final
+    assert linked["best_step"] == result.metrics["best_step"]
+
+    test = load_task("demo", run.task.split_policy, splits=("test",))["test"].select(range(16))
+    rows = [{k: row[k] for k in ("id", "question", "context", "choices", "label")} for row in test]
+    with _use_tracking_uri(result.tracking_uri):  # models:/ is resolved by the process-wide URI
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{result.model_id}")
+    adapter = download(client, result.mlflow_run_id, "adapter", tmp_path / "dl")
+    predictor = melora.load_predictor(
+        adapter,
+        task="demo",
+        base_model="demo",
+        max_length=run.task.max_length,
+        batch_size=run.eval.batch_size,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: with 2 threads beside MLflow 8 s, with 1 0.15 s
+    try:
+        got = pyfunc.predict(rows)
+        expected = [a.to_dict() for a in predictor.answer(rows, n_samples=max(run.eval.n_samples))]
+    finally:
+        torch.set_num_threads(threads)
+    assert [a["probs"] for a in got] == [a["probs"] for a in expected]
+    assert got == expected and [a["label"] for a in got] == test["label"]
+    assert all(a["mutual_information"] >= 0 for a in got)
+
+
 def test_killed_worker_resumes_to_the_same_adapter(tmp_path: Path, zero2_run) -> None:
     """Kill worker 1 at step 16 (after the step-12 checkpoint): the run restarts from step 12 and
     ends with the adapter of an uninterrupted run of the same seed, in one MLflow run."""
@@ -198,6 +295,9 @@ def test_killed_worker_resumes_to_the_same_adapter(tmp_path: Path, zero2_run) ->
         by_step.setdefault(m.step, set()).add(round(m.value, 5))
     assert any(len([m for m in history if m.step == s]) == 2 for s in range(13, 17))
     assert all(len(values) == 1 for values in by_step.values())
+    # the restarted rank 0's system metrics follow the first one's: no step twice
+    system = client.get_metric_history(result.mlflow_run_id, "system/cpu_utilization_percentage")
+    assert system and len({m.step for m in system}) == len(system)
 
     def last_adapter(path: str) -> dict[str, torch.Tensor]:
         last = sorted(p for p in Path(path).glob("checkpoint_*") if p.is_dir())[-1]
