@@ -292,8 +292,10 @@ def _sgd_on_fragments(params: list[nn.Parameter], grads: list[torch.Tensor], lr:
     if fragments:
         torch._foreach_add_(fragments, grad_parts, alpha=-lr)
         torch._foreach_copy_(slot_parts, fragments)
-    dist.all_reduce(buffer, group=params[0]._dp_group)
-    torch._foreach_copy_(params, [slot.view_as(p) for p, slot in zip(params, slots, strict=True)])
+    # the default group: with data parallelism only (the project's configs) DeepSpeed's
+    # data-parallel group (`p._dp_group`) is the whole world
+    summed = collectives.all_reduce(buffer).split(sizes)
+    torch._foreach_copy_(params, [part.view_as(p) for p, part in zip(params, summed, strict=True)])
 
 
 def _kl_sgd_step_zero3(module: nn.Module, params: list[nn.Parameter], pi, eps, lr) -> float:
