@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml requirements/lock.txt requirements/laplace.txt
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the layers in pyproject.toml [tool.importlinter]
 
 test: lint
 	$(BIN)/python -m pytest

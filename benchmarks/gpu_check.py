@@ -98,7 +98,7 @@ def real_path(args: argparse.Namespace, tmp: Path) -> list[tuple[str, str, bool]
     from mlflow import MlflowClient
 
     from orchestrator.config import load_config
-    from orchestrator.trainer import fit_run, init_ray
+    from orchestrator.train.trainer import fit_run, init_ray
 
     on_gpu = args.device == "cuda"
     data = args.data_dir
@@ -150,7 +150,7 @@ def padding_check(run, on_gpu: bool) -> tuple[str, str, bool]:
     import melora
     from melora.evaluation import class_logits
     from melora.tasks import load_task, make_loader
-    from orchestrator.worker import build_model
+    from orchestrator.train.worker import build_model
 
     loading = run.with_overrides({"scaling.zero_stage": 2})
     tokenizer, model = build_model(loading, {}, on_gpu)

@@ -39,7 +39,7 @@ TABLE6_METHOD = {"lora": "LoRA", "mcd": "LoRA", "lap": "LoRA", "blob": "BLoB", "
 
 def trial_seconds(run) -> float:
     """The paper's measured single-GPU training time of this trial (Table 6, scaled by its steps)."""
-    from orchestrator.paper_tables import TABLE6_SECONDS, TABLE6_STEPS
+    from orchestrator.report.paper_tables import TABLE6_SECONDS, TABLE6_STEPS
 
     model = TABLE6_MODEL[model_size(run.model.name_or_path)]
     times = TABLE6_SECONDS[(model, TABLE6_METHOD[run.adapter.method])]
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from orchestrator.config import load_experiment
-    from orchestrator.paper_tables import TABLE6_GPU
-    from orchestrator.sweep_config import plan_sweep
+    from orchestrator.report.paper_tables import TABLE6_GPU
+    from orchestrator.sweep.schema import plan_sweep
 
     rows, totals = [], [0, 0, 0.0, 0.0]
     for name in args.configs:

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from orchestrator.config import load_experiment
-    from orchestrator.sweep_config import plan_sweep
+    from orchestrator.sweep.schema import plan_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="sweep_scheduling_"))
     overrides = [
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         _node_ip_address="127.0.0.1",
         object_store_memory=200 * 1024**2,
     )
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.tune import run_sweep
 
     slots = combined.max_concurrent(ray.cluster_resources())
     wall0 = time.time()

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
         overrides = dict(parse_overrides(args.overrides))
         if args.laplace:
-            from orchestrator.laplace_step import laplace_from_run
+            from orchestrator.posthoc.laplace import laplace_from_run
 
             result = laplace_from_run(args.laplace, uri, overrides)
         else:
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 def _ensemble(uri: str, member_run_ids: list[str], seed: int, overrides: dict):
     """The ENS run of the given members: the first member's config, method ens, `seed`."""
     from orchestrator.config import RunConfig
-    from orchestrator.ensemble import evaluate_ensemble_run
-    from orchestrator.posthoc import finished_run_config
+    from orchestrator.posthoc.ensemble import evaluate_ensemble_run
+    from orchestrator.posthoc.runs import finished_run_config
 
     with tempfile.TemporaryDirectory() as tmp:
         first = finished_run_config(uri, member_run_ids[0], tmp)

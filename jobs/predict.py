@@ -122,7 +122,7 @@ def answer(args: argparse.Namespace, tmp: Path) -> tuple[list[Any], list[str]]:
             t.name, t.split_policy, t.data_dir, t.prompt_style, splits=("validation",)
         )["validation"]
     if source.model_dir is not None:  # mlflow.pyfunc.load_model: its load_context loads it
-        from orchestrator import mlflow_model
+        from orchestrator.tracking import model as mlflow_model
 
         config = mlflow_model.model_config(source.run, source.temperature)
         config.pop("n_samples")  # --n-samples decides
@@ -170,7 +170,7 @@ def model_source(model_uri: str, tracking_uri: str | None, overrides: dict, tmp:
     model_config gives the run settings (with `overrides`); `answer` loads it with
     `mlflow.pyfunc.load_model` and asks the Predictor its `load_context` built."""
     from melora.adapters import read_adapter_config
-    from orchestrator import mlflow_model
+    from orchestrator.tracking import model as mlflow_model
 
     uri = _store_uri(tracking_uri)
     local, config = mlflow_model.download_model(uri, model_uri, tmp / "model")
@@ -202,7 +202,7 @@ def _store_uri(tracking_uri: str | None) -> str:
     checked: reading must not create an empty database, and a server must answer."""
     from orchestrator import tracking
     from orchestrator.config import TrackingConfig
-    from orchestrator.posthoc import PosthocError
+    from orchestrator.errors import PosthocError
 
     uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
     db = tracking._sqlite_path(uri)
@@ -219,7 +219,8 @@ def run_source(run_id: str, tracking_uri: str | None, overrides: dict, tmp: Path
     """A FINISHED run's resolved config (with `overrides`) and adapter artifact, via
     `orchestrator.posthoc` as LAP and ENS read their runs."""
     from orchestrator import tracking
-    from orchestrator.posthoc import PosthocError, download_adapter, finished_run_config
+    from orchestrator.errors import PosthocError
+    from orchestrator.posthoc.runs import download_adapter, finished_run_config
 
     uri = _store_uri(tracking_uri)
     run = finished_run_config(uri, run_id, tmp).with_overrides(overrides)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
     from orchestrator import tracking
     from orchestrator.config import TrackingConfig
-    from orchestrator.report import build_report, write_report
+    from orchestrator.report.build import build_report, write_report
 
     try:
         n_samples = args.n_samples if args.n_samples == "paper" else int(args.n_samples)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         out = Path(args.out or Path("reports") / (report.sweep or report.experiment))
         written = write_report(report, out, log=not args.no_log)
-    except (MeLoraError, tracking.TrackingError) as err:
+    except MeLoraError as err:  # TrackingError and ReportError are MeLoraErrors
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(report.markdown())

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             "--retry-failed needs --resume (it retries the failed trials of a sweep that ran)"
         )
 
-    from orchestrator.sweep_config import SweepError, describe, plan_sweep
+    from orchestrator.errors import SweepError
+    from orchestrator.sweep.schema import describe, plan_sweep
 
     try:
         base, section = load_experiment(args.config, args.overrides, allow_empty=False)
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    from orchestrator.preflight import check_run_data
-    from orchestrator.sweep import mlflow_ui_hint, results_table, run_sweep
+    from orchestrator.sweep.tune import mlflow_ui_hint, results_table, run_sweep
+    from orchestrator.train.preflight import check_run_data
 
     try:  # every trained trial's prompts fit its task.max_length: before anything starts
         for trial in plan.trials:

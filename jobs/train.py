@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {shorten_message(str(err))}", file=sys.stderr)
         return 2
 
-    from orchestrator.preflight import check_run_data
-    from orchestrator.trainer import (
+    from orchestrator.train.preflight import check_run_data
+    from orchestrator.train.trainer import (
         RunConflictError,
         RunFailedError,
         finished_run,

@@ -33,18 +33,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from melora.errors import MeLoraError
+from orchestrator.errors import LockedError, StateFileError
 
 _held: set[str] = set()  # lock files this process holds (see the module docstring)
 _held_guard = threading.Lock()
-
-
-class StateFileError(MeLoraError, RuntimeError):
-    """A state file cannot be read or written; the message names the file and what to do."""
-
-
-class LockedError(StateFileError):
-    """Another process (or this one) holds the lock: the sweep or run is in use."""
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

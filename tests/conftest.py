@@ -96,7 +96,7 @@ def ray_local(ray_auth_token: Path) -> Iterator[None]:
     down after it, and os.environ as before (ray.init sets RAY_AUTH_MODE and others in it)."""
     import ray
 
-    from orchestrator.trainer import init_ray
+    from orchestrator.train.trainer import init_ray
 
     with restored_environ():
         init_ray(num_cpus=2)

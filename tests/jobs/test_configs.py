@@ -15,15 +15,9 @@ import pytest
 
 from melora.errors import ConfigError
 from orchestrator.config import RunConfig, load_experiment
-from orchestrator.sweep import SweepOutcome, TrialOutcome, results_table, run_sweep
-from orchestrator.sweep_config import (
-    ENS_MEMBER,
-    ENSEMBLE,
-    SweepError,
-    SweepPlan,
-    draw_space,
-    plan_sweep,
-)
+from orchestrator.sweep.schema import SweepError, SweepPlan, draw_space, plan_sweep
+from orchestrator.sweep.tune import SweepOutcome, TrialOutcome, results_table, run_sweep
+from orchestrator.tracking.conventions import ENS_MEMBER, ENSEMBLE
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
@@ -189,7 +183,7 @@ def test_the_demo_study_runs_every_method_in_the_overfitting_regime() -> None:
     """Rows as the report names them, 3 seeds each, on the small training set and the
     label-preserving shift; only the method's own fields differ between rows."""
     from melora.tasks import load_task
-    from orchestrator.report import method_row
+    from orchestrator.report.build import method_row
 
     p = plan(REPO / "jobs/configs/demo_study.yaml")
     rows = {}
@@ -436,7 +430,7 @@ def test_ens_trials_reuse_planned_lora_trials_and_plan_the_missing_members() -> 
     assert ens2.members == tuple(f"demo-ens-member-seed{s}" for s in (4, 5, 6))
     assert sum(t.role == ENS_MEMBER for t in q.trials) == 5 and len(q.trials) == 8
     # the Tune grid holds the trained trials only; the ENS trials are evaluated after them
-    from orchestrator.sweep import _plan_data
+    from orchestrator.sweep.tune import _plan_data
 
     assert set(_plan_data(q, "parent")["trials"]) == {t.name for t in q.trials if t.tuned}
 

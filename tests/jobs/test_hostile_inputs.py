@@ -376,9 +376,11 @@ class FileClient:
 def test_every_writer_leaves_no_planted_secret(dirs, monkeypatch: pytest.MonkeyPatch) -> None:
     """to_yaml and flat_params (the artifacts and params of every run), the sweep's state file and
     its parent run's params and artifacts, a training run's tags, params, config and marker file."""
-    from orchestrator import sweep, tracking, trainer
+    from orchestrator import tracking
     from orchestrator.config import load_experiment
-    from orchestrator.sweep_config import plan_sweep
+    from orchestrator.sweep import tune as sweep
+    from orchestrator.sweep.schema import plan_sweep
+    from orchestrator.train import trainer
 
     storage, logged = dirs.inputs / "storage", dirs.inputs / "mlflow"
     logged.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from orchestrator import tracking
 from orchestrator.config import load_experiment
-from orchestrator.sweep_config import plan_sweep
+from orchestrator.sweep.schema import plan_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {
@@ -42,7 +42,7 @@ def test_optuna_concentrates_near_the_optimum_of_the_reported_metric(
 ) -> None:
     import ray
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.tune import run_sweep
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     base, _ = load_experiment(
@@ -70,8 +70,8 @@ def test_optuna_concentrates_near_the_optimum_of_the_reported_metric(
         from ray import tune
 
         from orchestrator import tracking
-        from orchestrator.sweep import _trial_run
-        from orchestrator.trainer import prepare_tracking
+        from orchestrator.sweep.tune import _trial_run
+        from orchestrator.train.trainer import prepare_tracking
 
         run = _trial_run(config, plan)  # what train_trial would train: the base with the draw
         uri, run_id = prepare_tracking(run, plan["parent_run_id"], plan["sweep"])

@@ -1,7 +1,7 @@
 """jobs/predict.py in-process with --adapter on the real stories260K checkpoint and ARC-Easy: the
 JSONL it writes, --abstain-at on a validation split, and every bad input refused with exit status
 2, a message naming what is wrong, and nothing written. (--run against a real training run's
-MLflow store: tests/orchestrator/test_training_run.py; --model: test_mlflow_model.py beside it.)"""
+MLflow store: tests/orchestrator/train/test_training_run.py; --model: test_mlflow_model.py beside it.)"""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from orchestrator.report import ReportError, build_report, write_report
+from orchestrator.errors import ReportError
+from orchestrator.report.build import build_report, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("report_cli", REPO / "jobs" / "report.py")

@@ -133,7 +133,7 @@ def test_killed_sweep_resumes_only_what_was_left(tmp_path: Path, tiny_sweep, sto
     print(f"resume took {resume_s:.0f} s")  # shown with -s; the budget note is in the README
 
     # jobs/report.py's table, rendered from these runs, shows the runs' own metrics
-    from orchestrator.report import build_report
+    from orchestrator.report.build import build_report
 
     md = build_report(uri, "sweep-tests", sweep="killed").markdown()
     cells = markdown_cells(md, "Trained on demo: in-distribution and OOD sets")
@@ -219,7 +219,7 @@ def test_ens_trial_is_evaluated_from_its_members_after_the_trained_trials(
     assert version.run_id == by_name["ens-lora-seed1"].info.run_id
     assert version.tags["melora.sweep_run_id"] == parents[0].info.run_id
 
-    from orchestrator.report import build_report
+    from orchestrator.report.build import build_report
 
     report = build_report(uri, "sweep-tests", sweep="ens")
     rows = {(r.row, r.name) for r in report.runs}

@@ -5,7 +5,7 @@ Real Ray Tune (the module's local Ray of 2 CPUs) and MLflow (SQLite). The trial 
 (run_sweep's `trainable=` seam) that opens the trial's MLflow run through the real
 `trainer.prepare_tracking`, as fit_run does, and fails until the test flips a switch: a real
 training run would add about a minute per attempt for nothing checked here (fit_run resuming from
-its checkpoint is tests/orchestrator/test_training_run.py's). About 20 s.
+its checkpoint is tests/orchestrator/train/test_training_run.py's). About 20 s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.config import load_experiment
-from orchestrator.sweep_config import SweepError, plan_sweep
+from orchestrator.errors import SweepError
+from orchestrator.sweep.schema import plan_sweep
 
 
 def plan_of(tiny_sweep, name: str, grid: dict, overrides: list[str] | None = None):
@@ -37,7 +38,7 @@ def test_a_sweep_too_big_for_the_cluster_writes_nothing(
 ) -> None:
     """One trial needs 0.5 + 8 x 0.25 = 2.5 CPUs, the cluster has 2: refused before the sweep's
     state folder or its MLflow parent run exist."""
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.tune import run_sweep
 
     plan = plan_of(tiny_sweep, "big", {"seed": [1]}, ["scaling.num_workers=8"])
     with pytest.raises(
@@ -57,7 +58,7 @@ def test_resume_retry_failed_finishes_the_failed_trial_in_its_own_run(
     parent run ends FAILED with the reason. 2: --resume goes on, but does not retry seed 2: the
     parent ends FAILED naming it. 3: --resume --retry-failed, switch on: seed 2 runs again in its
     own MLflow run (FAILED, then FINISHED), seed 1 is not run again, the parent ends FINISHED."""
-    from orchestrator import sweep
+    from orchestrator.sweep import tune as sweep
 
     switch, attempts = tmp_path / "fixed", tmp_path / "attempts.txt"
     plan = plan_of(tiny_sweep, "retry", {"seed": [1, 2]})
@@ -66,8 +67,8 @@ def test_resume_retry_failed_finishes_the_failed_trial_in_its_own_run(
         from ray import tune
 
         from orchestrator import tracking
-        from orchestrator.sweep import _trial_run
-        from orchestrator.trainer import prepare_tracking
+        from orchestrator.sweep.tune import _trial_run
+        from orchestrator.train.trainer import prepare_tracking
 
         run = _trial_run(config, plan)
         uri, run_id = prepare_tracking(run, plan["parent_run_id"], plan["sweep"])

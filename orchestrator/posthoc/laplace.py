@@ -1,0 +1,64 @@
+"""LAP post hoc: a KFAC Laplace approximation around the adapter of a finished LoRA run, as a new
+MLflow run (`jobs/evaluate.py --laplace <run>`); the in-worker step it runs is
+`orchestrator.train.laplace.evaluate_final_laplace`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from melora.adapters import attach, load_adapter, read_adapter_config
+from orchestrator.config import RunConfig
+from orchestrator.posthoc.runs import (
+    PosthocError,
+    download_adapter,
+    finished_run_config,
+    log_evaluation,
+    tracked_run,
+    whole_model,
+)
+from orchestrator.train.laplace import evaluate_final_laplace
+from orchestrator.train.trainer import RunResult
+from orchestrator.train.worker import TaskData
+
+
+def laplace_from_run(
+    map_run_id: str,
+    uri: str,
+    overrides: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    sweep: str | None = None,
+) -> RunResult:
+    """LAP around the adapter of a finished LoRA (or LAP) run, as a new MLflow run (method lap).
+
+    The MAP run's resolved config with `adapter.method: lap` and `overrides` (e.g.
+    {"laplace.link_approx": "probit"}) is the new run's config; it gets the tag `map_run` and the
+    param `laplace.map_run_id`. One process, the base model whole (on a GPU with
+    `scaling.use_gpu`): a MAP run trained under ZeRO-3 is fine here (its config is logged with
+    zero_stage 2, the stage LAP's config allows; the MAP run keeps its own).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        source = finished_run_config(uri, map_run_id, tmp)
+        if source.adapter.method not in ("lora", "lap"):
+            raise PosthocError(
+                f"MLflow run {map_run_id} trained adapter.method {source.adapter.method!r}: LAP "
+                "needs a LoRA (MAP) adapter, a run of method 'lora' or 'lap'"
+            )
+        d = source.to_dict()
+        d["adapter"]["method"] = "lap"
+        d["name"] = f"{source.name}-lap" if source.name else None
+        d["tracking"]["tracking_uri"] = uri
+        if d["scaling"]["zero_stage"] == 3:
+            d["scaling"]["zero_stage"] = 2
+        run = RunConfig.from_dict(d).with_overrides(overrides or {})
+        adapter_dir = download_adapter(uri, map_run_id, tmp)
+        extra = {"laplace.map_run_id": map_run_id}
+        with tracked_run(run, {"map_run": map_run_id}, extra, parent_run_id, sweep) as (_, run_id):
+            tokenizer, model, _ = whole_model(run)
+            attach(model, read_adapter_config(adapter_dir))
+            load_adapter(model, adapter_dir)
+            data = TaskData(run, tokenizer, rank=0, world=1)
+            final, predictions = evaluate_final_laplace(model, data, run)
+            log_evaluation(uri, run_id, run, final, predictions)
+    return RunResult(mlflow_run_id=run_id, tracking_uri=uri, metrics=final, path="")

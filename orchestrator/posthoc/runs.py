@@ -1,0 +1,127 @@
+"""Evaluations made after training, from finished runs: a tracked MLflow run of their own.
+
+ENS (`orchestrator.posthoc.ensemble`) and post-hoc LAP (`orchestrator.posthoc.laplace.laplace_from_run`)
+both read finished runs back (their resolved config and adapter artifacts), load the base model
+whole in one process, evaluate, and log a new run with the same metric keys as a training run.
+This module holds what they share; it talks to MLflow only through `orchestrator.tracking`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from melora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchestrator import tracking
+from orchestrator.config import RunConfig
+from orchestrator.errors import PosthocError, RunFailedError
+from orchestrator.train.trainer import run_tags
+
+
+def finished_run_config(uri: str, run_id: str, dst: str | Path) -> RunConfig:
+    """The resolved config of a FINISHED run (its `config/resolved.yaml` artifact)."""
+    try:
+        status, _, _ = tracking.read_run(uri, run_id)
+    except Exception as err:  # MlflowException: no such run
+        raise PosthocError(
+            f"MLflow run {run_id} not found at {tracking.redact_uri(uri)}: {err}"
+        ) from None
+    if status != "FINISHED":
+        raise PosthocError(f"MLflow run {run_id} is {status}, not FINISHED: use a finished run")
+    path = tracking.download_artifact(uri, run_id, "config/resolved.yaml", dst)
+    if path is None:
+        raise PosthocError(
+            f"MLflow run {run_id} has no config/resolved.yaml artifact: was it made by fit_run?"
+        )
+    return RunConfig.from_dict(yaml.safe_load(Path(path).read_text()))
+
+
+def download_adapter(uri: str, run_id: str, dst: str | Path) -> Path:
+    """The run's `adapter/` artifact (safetensors + config) as the local folder `dst`/adapter."""
+    folder = Path(dst) / "adapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if tracking.download_artifact(uri, run_id, f"adapter/{name}", folder) is None:
+            raise PosthocError(
+                f"MLflow run {run_id} has no adapter/{name} artifact: is it a finished training run?"
+            )
+    return folder
+
+
+def whole_model(run: RunConfig) -> tuple[Any, torch.nn.Module, torch.device]:
+    """(tokenizer, base model, device): the base model loaded whole in this process, in eval mode.
+
+    On a GPU when `scaling.use_gpu` and one is visible, else the CPU; the weights' dtype follows
+    `model.dtype` as in training. No DeepSpeed: ZeRO-3's partitioned loading is not used here.
+    """
+    from orchestrator.train.worker import build_model
+
+    on_gpu = run.scaling.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    loading = run if run.scaling.zero_stage != 3 else _with_zero2(run)
+    tokenizer, model = build_model(loading, {}, on_gpu)
+    return tokenizer, model.to(device).eval(), device
+
+
+def _with_zero2(run: RunConfig) -> RunConfig:
+    d = run.to_dict()
+    d["scaling"]["zero_stage"] = 2
+    return RunConfig.from_dict(d)
+
+
+@contextmanager
+def tracked_run(
+    run: RunConfig,
+    extra_tags: Mapping[str, str],
+    extra_params: Mapping[str, Any],
+    parent_run_id: str | None = None,
+    sweep: str | None = None,
+) -> Iterator[tuple[str, str]]:
+    """Create the run's MLflow run (tags as a training run's plus `extra_tags`; params the
+    config's plus `extra_params`) and yield (uri, run id). It ends FINISHED, or FAILED with the
+    reason when the block raises (re-raised as `RunFailedError`)."""
+    uri = tracking.resolve_tracking_uri(run.tracking)
+    tracking.check_reachable(uri)
+    experiment_id = tracking.ensure_experiment(uri, run.tracking.experiment)
+    run_id = tracking.start_or_resume_run(
+        uri,
+        experiment_id,
+        run_name=run.run_name,
+        tags={**run_tags(run, sweep), **extra_tags},
+        parent_run_id=parent_run_id,
+    )
+    try:
+        tracking.log_params(uri, run_id, {**run.flat_params(), **extra_params})
+        tracking.log_text(uri, run_id, run.to_yaml(), "config/resolved.yaml")
+        yield uri, run_id
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        tracking.set_terminated(uri, run_id, "FAILED", reason)
+        raise RunFailedError(f"{run.run_name} failed (MLflow run {run_id}): {reason}") from err
+    tracking.set_terminated(uri, run_id, "FINISHED")
+
+
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    run: RunConfig,
+    metrics: Mapping[str, float],
+    predictions: Mapping[str, Any],
+    files: Mapping[str, str] | None = None,
+) -> None:
+    """Log final metrics (at step 0), one reliability diagram per set and N, and text `files`
+    ({artifact path: text})."""
+    from melora.plots import reliability_diagrams
+
+    tracking.log_metrics(uri, run_id, metrics, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        reliability_diagrams(predictions, Path(tmp) / "reliability", n_bins=run.eval.ece_bins)
+        tracking.log_artifacts(uri, run_id, Path(tmp) / "reliability", "reliability")
+    for path, text in (files or {}).items():
+        tracking.log_text(uri, run_id, text, path)
