@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/adapter_cost.py --kl-optimizer sgd     # the paper's two steps
     .venv/bin/python benchmarks/adapter_cost.py --counts --layers 32   # calls per step, by part
     .venv/bin/python benchmarks/adapter_cost.py --eval                 # N = 10 against N = 0
+    .venv/bin/python benchmarks/adapter_cost.py --collectives          # the KL step under ZeRO
     python benchmarks/adapter_cost.py --model llama2-7b                # 7B shape, bf16, CUDA
 
 The default run takes about 2 minutes on an idle 2-core CPU. For each method it prints the
@@ -44,6 +45,11 @@ How it measures:
 - `--counts` only counts the computing calls of a step and of its parts (the update in "mean"
   mode, what sampling adds, the KL, the optimiser), each beyond LoRA's; `--eval` compares an
   evaluation at N = 10 with one at N = 0 (calls and time). Counts are deterministic.
+- `--collectives` only counts, by kind, the collectives of one call of the paper's second step
+  (`Objective.kl_sgd_step`, SGD on pi * KL) under DeepSpeed ZeRO-3 (adapter kept whole, partitioned,
+  or both between steps) and ZeRO-2, on 2 gloo CPU processes (each a fresh run of this script),
+  at 8 and 32 blocks of q_proj/v_proj (`--layers N`: N only), r 3; and checks the step against a
+  plain SGD step. tests/orchestrator/train/test_kl_step_collectives.py asserts on the same reports.
 """
 
 from __future__ import annotations
@@ -51,14 +57,20 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
+import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +155,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only count the computing calls of a step, part by part (no timing; seconds)",
     )
+    p.add_argument(
+        "--collectives",
+        action="store_true",
+        help="only count the collectives of the two-step KL's SGD step (Objective.kl_sgd_step) "
+        "under ZeRO-2 and ZeRO-3 on 2 gloo CPU processes, at 8 and 32 blocks (or --layers); "
+        "about a minute",
+    )
+    p.add_argument("--collectives-worker", default=None, help=argparse.SUPPRESS)  # one rank
     p.add_argument(
         "--control",
         action="store_true",
@@ -537,6 +557,307 @@ def print_counts(args: argparse.Namespace, counts: dict[str, dict[str, int]], la
     )
 
 
+# ----- the collectives of the two-step KL under ZeRO ---------------------------------------------
+# `Objective.kl_sgd_step` (orchestrator/train/worker.py) under DeepSpeed on 2 gloo CPU processes: one
+# call of the paper's second step, theta <- theta - lr * pi * grad KL(theta), profiled; its
+# collectives counted by kind. The model is a stack of q_proj/v_proj blocks (2 adapted layers and
+# 8 adapter tensors a block) with r = 3, so that M and H (9 entries) leave the last rank's
+# partition padded. ZeRO-3 three ways, by DeepSpeed's `stage3_param_persistence_threshold`: every
+# adapter tensor kept whole on every rank between steps (the default, 1e5 entries: Llama2-13B's
+# r = 8 factors too), every one partitioned (0), and M, H whole while A, B are partitioned (20);
+# and ZeRO-2. tests/orchestrator/train/test_kl_step_collectives.py asserts on what this reports.
+COLLECTIVE_WORLD, COLLECTIVE_MICRO_BATCH, COLLECTIVE_R = 2, 2, 3
+COLLECTIVE_PI, COLLECTIVE_EPS, COLLECTIVE_LR = 0.3, 0.25, 0.05
+# case: (zero stage, stage3_param_persistence_threshold; None: DeepSpeed's default)
+ZERO_CASES = {
+    "zero3-whole": (3, None),
+    "zero3-partitioned": (3, 0),
+    "zero3-mixed": (3, 20),
+    "zero2": (2, None),
+}
+ZERO_CASE_NOTES = {
+    "zero3-whole": "whole (threshold 1e5)",
+    "zero3-partitioned": "partitioned (threshold 0)",
+    "zero3-mixed": "M, H whole; A, B partitioned (20)",
+    "zero2": "whole; fp32 copy in fragments",
+}
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "broadcast", "reduce_scatter")
+COLLECTIVE_BLOCKS = (8, 32)  # the benchmark's convention: 8 and 32 blocks (16 and 64 layers)
+
+
+def _collective_adapter_config() -> melora.AdapterConfig:
+    return melora.AdapterConfig(method="melora", r=COLLECTIVE_R, dropout=0.0)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q_proj, self.v_proj = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.tanh(self.q_proj(x)) * self.v_proj(x)
+
+
+class _TinyLM(nn.Module):
+    """A causal-LM-shaped stack of q_proj/v_proj blocks (a Llama's layers, without their cost)."""
+
+    def __init__(self, blocks: int, d: int = 16, vocab: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(_Block(d) for _ in range(blocks))
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return SimpleNamespace(logits=self.head(x))
+
+
+def _tiny_lm(blocks: int) -> nn.Module:
+    torch.manual_seed(0)
+    return _TinyLM(blocks)
+
+
+def _collective_batch(rank: int) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(100 + rank)
+    return {
+        "input_ids": torch.randint(0, 32, (COLLECTIVE_MICRO_BATCH, 5), generator=gen),
+        "attention_mask": torch.ones(COLLECTIVE_MICRO_BATCH, 5, dtype=torch.long),
+        "labels": torch.randint(0, 3, (COLLECTIVE_MICRO_BATCH,), generator=gen),
+        "answer_token_ids": torch.tensor([10, 11, 12]),
+        "choice_mask": torch.ones(COLLECTIVE_MICRO_BATCH, 3, dtype=torch.bool),
+    }
+
+
+def _plain_sgd_on_kl(blocks: int, before: dict[str, Tensor]) -> dict[str, Tensor]:
+    """theta - lr * pi * grad KL(theta), on a plain (undistributed) copy of the adapter."""
+    model = melora.attach(_tiny_lm(blocks), _collective_adapter_config())
+    params = dict(melora.adapter_parameters(model))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(before[name])
+    names = list(params)
+    kl = COLLECTIVE_PI * melora.kl_divergence(model, COLLECTIVE_EPS)
+    grads = torch.autograd.grad(kl, [params[n] for n in names], allow_unused=True)
+    return {  # B is not in the KL
+        n: before[n] if g is None else before[n] - COLLECTIVE_LR * g
+        for n, g in zip(names, grads, strict=True)
+    }
+
+
+def _fp32_masters(module: nn.Module) -> dict[str, Tensor]:
+    """DeepSpeed's fp32 copy of each adapter tensor, whole (collectives: call on every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {n: safe_get_full_fp32_param(p).clone() for n, p in melora.adapter_parameters(module)}
+
+
+def kl_step_case(stage: int, threshold: int | None, blocks: int, rank: int) -> dict:
+    """One case on this rank (the process group up): a whole `Objective.step`, an AdamW step (the
+    state in which `step` calls `kl_sgd_step`), then one profiled `kl_sgd_step` and the next step.
+
+    Returns adapter_tensors, whole_after_adamw (adapter tensors whole on this rank after AdamW),
+    collectives (the `c10d::<op>` events of the call, in order: each collective records one where
+    it is called), gloo_events (the `gloo:<op>` events: one where gloo runs each), kl_finite,
+    module_error / master_error (max |difference| of the module's copy / DeepSpeed's fp32 copy
+    from a plain SGD step on the KL), moved (the factors the step changed) and
+    next_step_consistent (the module's and the fp32 copy equal after the next step)."""
+    import deepspeed
+    from torch.profiler import ProfilerActivity, profile
+
+    from melora.evaluation import class_logits
+    from orchestrator.config import RunConfig
+    from orchestrator.train.deepspeed_config import deepspeed_config
+    from orchestrator.train.worker import Objective, gathered_adapter_state, lr_lambda
+
+    run = RunConfig.from_dict(
+        {
+            "seed": 3,
+            "adapter": {"method": "melora", "r": COLLECTIVE_R, "dropout": 0.0},
+            "optim": {"lr": 0.01, "batch_size": COLLECTIVE_MICRO_BATCH, "kl_optimizer": "sgd"},
+            "scaling": {"num_workers": COLLECTIVE_WORLD, "zero_stage": stage},
+        }
+    )
+    model = _tiny_lm(blocks)
+    torch.manual_seed(run.seed)
+    melora.attach(model, run.adapter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=run.optim.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
+    ds_config = deepspeed_config(run, COLLECTIVE_WORLD, on_gpu=False)
+    if threshold is not None:
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    objective = Objective(engine, run, batches_per_epoch=4, rank=rank)
+    batch = _collective_batch(rank)
+    objective.step(0, iter([batch]))  # a whole step: AdamW, then the KL step
+    engine.backward(F.cross_entropy(class_logits(engine, batch), batch["labels"]))
+    engine.step()  # AdamW: the state in which Objective.step calls kl_sgd_step
+    whole = [getattr(p, "ds_status", None) for _, p in melora.adapter_parameters(engine.module)]
+
+    before = _fp32_masters(engine.module)  # (reads the optimiser's copy: the module's stays put)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        kl = objective.kl_sgd_step(COLLECTIVE_PI, COLLECTIVE_EPS, COLLECTIVE_LR)
+    names = [e.name for e in prof.events()]
+    after, masters = gathered_adapter_state(engine.module), _fp32_masters(engine.module)
+    expected = _plain_sgd_on_kl(blocks, before)
+    objective.step(1, iter([batch]))  # the next step runs on the state the KL step left
+    report = {
+        "adapter_tensors": len(before),
+        "whole_after_adamw": sum(getattr(status, "name", "") == "AVAILABLE" for status in whole),
+        "collectives": [n for n in names if n.startswith("c10d::")],
+        "gloo_events": sum(n.startswith("gloo:") for n in names),
+        "kl_finite": bool(torch.isfinite(torch.tensor(kl))),
+        "module_error": max((after[n] - expected[n]).abs().max().item() for n in expected),
+        "master_error": max((masters[n] - expected[n]).abs().max().item() for n in expected),
+        "moved": sorted(
+            {n.rsplit(".", 1)[1] for n in expected if not expected[n].equal(before[n])}
+        ),
+    }
+    after_next, masters_next = gathered_adapter_state(engine.module), _fp32_masters(engine.module)
+    report["next_step_consistent"] = all(
+        torch.equal(after_next[n], masters_next[n]) for n in after_next
+    )
+    return report
+
+
+def kl_step_worker(rank: int, cases: list[str], blocks: list[int], out: str) -> None:
+    """One gloo process (its environment set by `kl_step_collectives`): every case at every number
+    of blocks, the reports written to `out` as JSON, {"<case>/<blocks>": report}."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=COLLECTIVE_WORLD)
+    reports: dict = {}
+    for name in cases:
+        stage, threshold = ZERO_CASES[name]
+        for n in blocks:
+            try:
+                reports[f"{name}/{n}"] = kl_step_case(stage, threshold, n, rank)
+            except Exception as err:  # the reason travels to the caller, not only to the log
+                reports[f"{name}/{n}"] = {"error": f"{type(err).__name__}: {err}"}
+    Path(out).write_text(json.dumps(reports))
+    torch.distributed.destroy_process_group()
+
+
+def kl_step_collectives(
+    blocks: tuple[int, ...] | list[int],
+    work_dir: Path | str,
+    cases: tuple[str, ...] | list[str] = tuple(ZERO_CASES),
+    timeout_s: float = 900,
+) -> list[dict[str, dict]]:
+    """`kl_step_case` of each case at each number of blocks on 2 gloo CPU processes; one dict of
+    reports per rank, {"<case>/<blocks>": report or {"error": ...}}.
+
+    Each rank is a fresh `python benchmarks/adapter_cost.py` (so the caller's imports and
+    `sys.path`, a test runner's included, do not leak into it); its output goes to
+    `work_dir/rank<k>.log`, its reports to `work_dir/rank<k>.json`."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    try:
+        for rank in range(COLLECTIVE_WORLD):
+            spec = {
+                "rank": rank,
+                "cases": list(cases),
+                "blocks": list(blocks),
+                "out": str(work_dir / f"rank{rank}.json"),
+            }
+            env = dict(
+                os.environ,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                RANK=str(rank),
+                WORLD_SIZE=str(COLLECTIVE_WORLD),
+                LOCAL_RANK=str(rank),
+                DS_ACCELERATOR="cpu",
+                OMP_NUM_THREADS="1",
+            )
+            log = (work_dir / f"rank{rank}.log").open("w")
+            logs.append(log)
+            argv = [sys.executable, str(Path(__file__).resolve())]
+            argv += ["--collectives-worker", json.dumps(spec)]
+            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout_s
+        for rank, proc in enumerate(procs):
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"rank {rank} ran past {timeout_s:.0f} s") from None
+            if code != 0:
+                tail = (work_dir / f"rank{rank}.log").read_text()[-3000:]
+                raise RuntimeError(f"rank {rank} exited with {code}; its log ends:\n{tail}")
+    finally:
+        for proc in procs:  # a failed or late rank: its peer would wait on it forever
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    return [
+        json.loads((work_dir / f"rank{rank}.json").read_text()) for rank in range(COLLECTIVE_WORLD)
+    ]
+
+
+def collective_kind(event: str) -> str:
+    """`c10d::allgather_into_tensor_coalesced_` -> "all_gather", and so on by kind."""
+    op = event.removeprefix("c10d::")
+    for kind in COLLECTIVE_KINDS:
+        if kind.replace("_", "") in op.replace("_", ""):
+            return kind
+    return op
+
+
+def print_collectives(per_rank: list[dict[str, dict]], cases: list[str], blocks: list[int]) -> None:
+    """The collectives of one `kl_sgd_step` per case and number of blocks, by kind."""
+    print(
+        f"collectives per KL step (Objective.kl_sgd_step, kl_optimizer sgd) on {COLLECTIVE_WORLD} "
+        f"gloo CPU processes; Me-LoRA r {COLLECTIVE_R}, q/v adapted, torch.profiler's c10d:: events"
+    )
+    header = (
+        f"{'stage':<6} {'adapter between steps':<34} {'blocks':>6} {'layers':>6} {'tensors':>7} "
+        + " ".join(COLLECTIVE_KINDS)
+        + f" {'other':>6} {'total':>6} {'SGD error':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    ops, problems = set(), []
+    for name in cases:
+        for n in blocks:
+            reports = [rank_reports[f"{name}/{n}"] for rank_reports in per_rank]
+            failed = [(rank, r["error"]) for rank, r in enumerate(reports) if "error" in r]
+            if failed:
+                problems += [f"{name}/{n} rank {rank}: {error}" for rank, error in failed]
+                continue
+            if any(r["collectives"] != reports[0]["collectives"] for r in reports):
+                problems.append(f"{name}/{n}: the ranks' collectives differ")
+            report = reports[0]
+            ops.update(report["collectives"])
+            kinds = Counter(map(collective_kind, report["collectives"]))
+            other = sum(c for k, c in kinds.items() if k not in COLLECTIVE_KINDS)
+            error = max(max(r["module_error"], r["master_error"]) for r in reports)
+            print(
+                f"ZeRO-{ZERO_CASES[name][0]:<1} {ZERO_CASE_NOTES[name]:<34} {n:>6} {2 * n:>6} "
+                f"{report['adapter_tensors']:>7} "
+                + " ".join(f"{kinds[kind]:>{len(kind)}}" for kind in COLLECTIVE_KINDS)
+                + f" {other:>6} {len(report['collectives']):>6} {error:>9.1e}"
+            )
+    print(
+        "layers: adapted layers (q_proj, v_proj per block); tensors: adapter tensors (A, B, M, H);\n"
+        "the counts are rank 0's (every rank makes the same calls); SGD error: max |difference| of\n"
+        "the module's and DeepSpeed's fp32 copy from a plain SGD step on the KL, over the ranks."
+    )
+    print(f"ops: {', '.join(sorted(ops)) or 'none'}")
+    for problem in problems:
+        print(f"FAILED {problem}")
+    if problems:
+        sys.exit(1)
+
+
 # ----- memory ----------------------------------------------------------------------------------
 def profiled_peak_bytes(fn: Callable[[], None]) -> int:
     """Peak of the bytes allocated minus freed while `fn` runs, from torch.profiler's memory events.
@@ -713,6 +1034,16 @@ def print_report(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.collectives_worker is not None:  # one rank of --collectives
+        spec = json.loads(args.collectives_worker)
+        kl_step_worker(spec["rank"], spec["cases"], spec["blocks"], spec["out"])
+        return
+    if args.collectives:
+        blocks = [args.layers] if args.layers else list(COLLECTIVE_BLOCKS)
+        with tempfile.TemporaryDirectory(prefix="kl-step-collectives-") as tmp:
+            per_rank = kl_step_collectives(blocks, tmp)
+        print_collectives(per_rank, list(ZERO_CASES), blocks)
+        return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if not args.device.startswith("cuda"):
