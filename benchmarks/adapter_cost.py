@@ -558,7 +558,7 @@ def print_counts(args: argparse.Namespace, counts: dict[str, dict[str, int]], la
 
 
 # ----- the collectives of the two-step KL under ZeRO ---------------------------------------------
-# `Objective.kl_sgd_step` (orchestrator/train/worker.py) under DeepSpeed on 2 gloo CPU processes: one
+# `Objective.kl_sgd_step` (orchestrator/train/objective.py) under DeepSpeed on 2 gloo CPU processes: one
 # call of the paper's second step, theta <- theta - lr * pi * grad KL(theta), profiled; its
 # collectives counted by kind. The model is a stack of q_proj/v_proj blocks (2 adapted layers and
 # 8 adapter tensors a block) with r = 3, so that M and H (9 entries) leave the last rank's
@@ -668,8 +668,9 @@ def kl_step_case(stage: int, threshold: int | None, blocks: int, rank: int) -> d
 
     from melora.evaluation import class_logits
     from orchestrator.config import RunConfig
+    from orchestrator.train.checkpoint import gathered_adapter_state
     from orchestrator.train.deepspeed_config import deepspeed_config
-    from orchestrator.train.worker import Objective, gathered_adapter_state, lr_lambda
+    from orchestrator.train.objective import Objective, lr_lambda
 
     run = RunConfig.from_dict(
         {

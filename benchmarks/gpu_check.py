@@ -150,7 +150,7 @@ def padding_check(run, on_gpu: bool) -> tuple[str, str, bool]:
     import melora
     from melora.evaluation import class_logits
     from melora.tasks import load_task, make_loader
-    from orchestrator.train.worker import build_model
+    from orchestrator.train.model import build_model
 
     loading = run.with_overrides({"scaling.zero_stage": 2})
     tokenizer, model = build_model(loading, {}, on_gpu)

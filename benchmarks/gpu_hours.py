@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestrator.config import load_experiment
     from orchestrator.report.paper_tables import TABLE6_GPU
-    from orchestrator.sweep.schema import plan_sweep
+    from orchestrator.sweep.plan import plan_sweep
 
     rows, totals = [], [0, 0, 0.0, 0.0]
     for name in args.configs:

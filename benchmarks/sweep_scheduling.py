@@ -6,7 +6,7 @@
 Every experiment YAML of the paper's tables is planned with the real `plan_sweep` (trial list,
 each trial's driver CPU and num_workers x {GPU, CPU}); the trials of all of them form one combined
 queue (one sweep, in YAML order unless --order says otherwise) run through the real
-`orchestrator.sweep.run_sweep`: Tune, the same concurrency rule (`max_concurrent` over
+`orchestrator.sweep.tune.run_sweep`: Tune, the same concurrency rule (`max_concurrent` over
 `ray.cluster_resources()`), the same per-trial driver reservation, MLflow in a temporary folder.
 Only the trial body is swapped (run_sweep's `trainable=`): a placeholder that asks Ray for the
 trial's workers as a placement group (num_workers bundles of {GPU: 1, CPU: c}, as a TorchTrainer's
@@ -66,7 +66,7 @@ def make_placeholder(table: dict[str, dict]):
     Imports nothing of the project (no torch): it travels by value to the trial's process.
     """
 
-    def placeholder_trial(config, plan):
+    def placeholder_trial(config, sweep_data):
         import os
         import time
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from orchestrator.config import load_experiment
-    from orchestrator.sweep.schema import plan_sweep
+    from orchestrator.sweep.plan import plan_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="sweep_scheduling_"))
     overrides = [

@@ -23,7 +23,7 @@ sys.path.insert(
 )  # run from a checkout without installing
 
 from melora.errors import MeLoraError  # noqa: E402
-from orchestrator.config import TrackingConfig, parse_overrides  # noqa: E402
+from orchestrator.config import TrackingConfig, add_overrides_option, parse_overrides  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,13 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow URI (default: $MLFLOW_TRACKING_URI)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of the new run, e.g. laplace.prior_tuning=gridsearch (repeatable)",
+    add_overrides_option(
+        parser,
+        "override a field of the new run, e.g. laplace.prior_tuning=gridsearch (repeatable)",
     )
     args = parser.parse_args(argv)
     from orchestrator import tracking
@@ -70,18 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ensemble(uri: str, member_run_ids: list[str], seed: int, overrides: dict):
     """The ENS run of the given members: the first member's config, method ens, `seed`."""
-    from orchestrator.config import RunConfig
     from orchestrator.posthoc.ensemble import evaluate_ensemble_run
     from orchestrator.posthoc.runs import finished_run_config
 
     with tempfile.TemporaryDirectory() as tmp:
         first = finished_run_config(uri, member_run_ids[0], tmp)
-    d = first.to_dict()
-    d["adapter"]["method"] = "ens"
-    d["seed"] = seed
-    d["name"] = None
-    d["tracking"]["tracking_uri"] = uri
-    run = RunConfig.from_dict(d).with_overrides(overrides)
+    ens = {"adapter.method": "ens", "seed": seed, "name": None, "tracking.tracking_uri": uri}
+    run = first.with_overrides(ens).with_overrides(overrides)
     return evaluate_ensemble_run(run, member_run_ids)
 
 

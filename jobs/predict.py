@@ -45,8 +45,15 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # run from a checkout without installing
 
+from melora import metrics  # noqa: E402
+from melora.adapters import read_adapter_config  # noqa: E402
 from melora.errors import ConfigError, MeLoraError  # noqa: E402
-from orchestrator.config import RunConfig, parse_overrides, shorten_message  # noqa: E402
+from orchestrator.config import (  # noqa: E402
+    RunConfig,
+    add_overrides_option,
+    parse_overrides,
+    shorten_message,
+)
 
 
 class Source(NamedTuple):
@@ -80,13 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri", help="--run, --model: MLflow URI (default: $MLFLOW_TRACKING_URI)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a run config field, e.g. task.name=arc_easy (repeatable)",
+    add_overrides_option(
+        parser,
+        "a run config field, e.g. task.name=arc_easy (repeatable)",
     )
     args = parser.parse_args(argv)
     try:
@@ -108,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 def answer(args: argparse.Namespace, tmp: Path) -> tuple[list[Any], list[str]]:
     """(answers, summary lines): every check first (source, prompts, validation split, base
     model, answer tokens), then the predictive. Raises `MeLoraError` for anything a user caused."""
-    from melora.predict import load_predictor, read_prompts
-    from melora.tasks import load_task
+    from melora.predict import load_predictor  # why: datasets, only once the arguments are read
+    from melora.tasks import load_task  # why: datasets, only once the arguments are read
+    from melora.user_prompts import read_prompts  # why: datasets, once the arguments are read
 
     if args.output and Path(args.output).is_dir():
         raise ConfigError(f"--output {args.output} is a folder: give a file name")
@@ -166,10 +170,9 @@ def find_source(args: argparse.Namespace, overrides: dict, tmp: Path) -> Source:
 
 
 def model_source(model_uri: str, tracking_uri: str | None, overrides: dict, tmp: Path) -> Source:
-    """An MLflow adapter model (`orchestrator.mlflow_model`), downloaded into `tmp`: its
+    """An MLflow adapter model (`orchestrator.tracking.model`), downloaded into `tmp`: its
     model_config gives the run settings (with `overrides`); `answer` loads it with
     `mlflow.pyfunc.load_model` and asks the Predictor its `load_context` built."""
-    from melora.adapters import read_adapter_config
     from orchestrator.tracking import model as mlflow_model
 
     uri = _store_uri(tracking_uri)
@@ -205,7 +208,7 @@ def _store_uri(tracking_uri: str | None) -> str:
     from orchestrator.errors import PosthocError
 
     uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
-    db = tracking._sqlite_path(uri)
+    db = tracking.sqlite_path(uri)
     if db is not None and not db.is_file():
         raise PosthocError(
             f"no MLflow database at {db}: give the store the run was logged to (--tracking-uri "
@@ -251,8 +254,6 @@ def summary(
     n_validation: int,
 ) -> list[str]:
     """What was answered, with which predictive, and what abstention and labels say."""
-    from melora import metrics
-
     sampled = predictor.config.samples_at_test and predictor.temperature is None
     draws = f"N = {args.n_samples}" if sampled else "the mean adapter (N does not apply)"
     where = args.output or "stdout"

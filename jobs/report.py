@@ -7,8 +7,8 @@
 
 Writes <out>/report.md (the tables in Markdown, with what is missing), report.tex (LaTeX,
 booktabs), runs.csv (every final metric of every run) and figures/*.png, and logs them to the
-sweep's parent run under `report/`. orchestrator/report.py documents the rows, the N and the
-paper's numbers. Exit status: 0 written, 1 no such experiment or sweep, or no finished runs.
+sweep's parent run under `report/`. orchestrator/report/build.py documents the rows, the N and
+the paper's numbers. Exit status: 0 written, 1 no such experiment or sweep, or no finished runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(
 from melora.errors import MeLoraError  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--experiment", required=True, help="the MLflow experiment, or a sweep's name (--name)"
@@ -62,12 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-log", action="store_true", help="do not log the report to the sweep's parent run"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # quiet downloads
-    from orchestrator import tracking
-    from orchestrator.config import TrackingConfig
-    from orchestrator.report.build import build_report, write_report
+    # MLflow takes seconds to import: only once the arguments are read, so --help and bad
+    # arguments answer at once
+    from orchestrator import tracking  # why: imports MLflow (see above)
+    from orchestrator.config import TrackingConfig  # why: with tracking, after the arguments
+    from orchestrator.report.build import build_report, write_report  # why: imports MLflow
 
     try:
         n_samples = args.n_samples if args.n_samples == "paper" else int(args.n_samples)

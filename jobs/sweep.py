@@ -8,7 +8,7 @@
     python jobs/sweep.py --resume --retry-failed          # ... and run its failed trials again
 
 The YAML's base values are each trial's run (as `jobs/train.py` reads them); its `sweep:` section
-says what varies (orchestrator/sweep.py documents it). Without $RAY_ADDRESS a local Ray starts on
+says what varies (orchestrator/sweep/schema.py documents it). Without $RAY_ADDRESS a local Ray starts on
 127.0.0.1; under `ray job submit` the job's cluster is used. Exit status: 0 all trials finished,
 1 a trial failed or the sweep could not run, 2 a config or usage error (nothing was started).
 
@@ -33,25 +33,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from melora.errors import MeLoraError  # noqa: E402
-from orchestrator.config import load_experiment, shorten_message  # noqa: E402
+from orchestrator.config import add_overrides_option, load_experiment, shorten_message  # noqa: E402
+from orchestrator.errors import SweepError  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "jobs" / "configs" / "demo.yaml"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--config",
         default=str(DEFAULT_CONFIG),
         help="an experiment YAML (default: jobs/configs/demo.yaml, the demo sweep)",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base field (adapter.sigma_p=0.1) or a sweep field (sweep.grid.seed=[1]); repeatable",
+    add_overrides_option(
+        parser,
+        "override a base field (adapter.sigma_p=0.1) or a sweep field (sweep.grid.seed=[1]); repeatable",
     )
     parser.add_argument(
         "--name", help="the sweep's name (default: sweep.name, else the YAML file's name)"
@@ -71,14 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --resume: run the failed trials again, each from its last checkpoint, in the same MLflow run",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.retry_failed and not args.resume:
         parser.error(
             "--retry-failed needs --resume (it retries the failed trials of a sweep that ran)"
         )
 
-    from orchestrator.errors import SweepError
-    from orchestrator.sweep.schema import describe, plan_sweep
+    from orchestrator.sweep.describe import describe  # why: torch, once the arguments are valid
+    from orchestrator.sweep.plan import plan_sweep  # why: as describe
 
     try:
         base, section = load_experiment(args.config, args.overrides, allow_empty=False)
@@ -92,8 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
 
-    from orchestrator.sweep.tune import mlflow_ui_hint, results_table, run_sweep
-    from orchestrator.train.preflight import check_run_data
+    from orchestrator.sweep.outcome import (  # why: Ray, not for --dry-run
+        mlflow_ui_hint,
+        results_table,
+    )
+    from orchestrator.sweep.tune import run_sweep  # why: Ray, not for --dry-run
+    from orchestrator.train.preflight import check_run_data  # why: tokenizers, not for --dry-run
 
     try:  # every trained trial's prompts fit its task.max_length: before anything starts
         for trial in plan.trials:

@@ -27,7 +27,7 @@ sys.path.insert(
 )  # run from a checkout without installing
 
 from melora.errors import MeLoraError  # noqa: E402
-from orchestrator.config import load_config, shorten_message  # noqa: E402
+from orchestrator.config import add_overrides_option, load_config, shorten_message  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", required=True, help="an experiment YAML, e.g. jobs/configs/demo.yaml"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. adapter.sigma_p=0.1 (repeatable)",
+    add_overrides_option(
+        parser,
+        "override a field, e.g. adapter.sigma_p=0.1 (repeatable)",
     )
     args = parser.parse_args(argv)
     try:
@@ -50,15 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {shorten_message(str(err))}", file=sys.stderr)
         return 2
 
+    # why here: torch, Ray and the tokenizers load only once the config is known to be valid
+    from orchestrator.errors import RunConflictError, RunFailedError
     from orchestrator.train.preflight import check_run_data
-    from orchestrator.train.trainer import (
-        RunConflictError,
-        RunFailedError,
-        finished_run,
-        fit_run,
-        init_ray,
-        run_lock,
-    )
+    from orchestrator.train.run_marker import run_lock
+    from orchestrator.train.trainer import finished_run, fit_run, init_ray
 
     try:  # the prompts fit task.max_length, the answers are tokens: before anything is written
         check_run_data(run)

@@ -3,8 +3,10 @@
 The package is usable on its own (torch, transformers, peft, datasets); it never imports ray,
 deepspeed or mlflow.
 
-`load_predictor` / `Predictor` (ask a trained adapter, `melora.predict`) are imported on first
-use: they need `melora.tasks` (datasets), which `import melora` alone does not load.
+`load_predictor` / `Predictor` (ask a trained adapter, `melora.predict`), `load_base_model`
+(`melora.base_model`), `read_prompts` (`melora.user_prompts`) and `abstention_threshold`
+(`melora.abstention`) are imported on first use: most need `melora.tasks` (datasets), which
+`import melora` alone does not load.
 """
 
 import importlib
@@ -30,16 +32,13 @@ from melora.errors import AdapterStateError, ConfigError, MeLoraError, TargetMod
 from melora.layers import BlobLinear, LoraLinear, MeLoraLinear
 
 _LAZY = {  # name -> module, imported on first access (PEP 562)
-    name: "melora.predict"
-    for name in (
-        "Abstention",
-        "Answer",
-        "Predictor",
-        "abstention_threshold",
-        "load_base_model",
-        "load_predictor",
-        "read_prompts",
-    )
+    "Abstention": "melora.abstention",
+    "abstention_threshold": "melora.abstention",
+    "Answer": "melora.predict",
+    "Predictor": "melora.predict",
+    "load_predictor": "melora.predict",
+    "load_base_model": "melora.base_model",
+    "read_prompts": "melora.user_prompts",
 }
 
 

@@ -94,7 +94,7 @@ def factors(layer: LoraLinear) -> dict[str, Tensor]:
     return layer.factors()
 
 
-def _full_shape(p: Tensor) -> tuple[int, ...]:
+def full_shape(p: Tensor) -> tuple[int, ...]:
     """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (`ds_shape`)."""
     return tuple(getattr(p, "ds_shape", p.shape))
 
@@ -223,7 +223,7 @@ def save_adapter(
     """
     config = adapter_config(model)
     state = adapter_state_dict(model) if state_dict is None else state_dict
-    expected = {name: _full_shape(p) for name, p in adapter_parameters(model)}
+    expected = {name: full_shape(p) for name, p in adapter_parameters(model)}
     got = {name: tuple(t.shape) for name, t in state.items()}
     if got != expected:
         raise AdapterStateError(
@@ -257,7 +257,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         )
     state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
     params = dict(adapter_parameters(model))
-    expected = {n: _full_shape(p) for n, p in params.items()}
+    expected = {n: full_shape(p) for n, p in params.items()}
     got = {n: tuple(t.shape) for n, t in state.items()}
     if got != expected:
         raise AdapterStateError(

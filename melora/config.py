@@ -1,22 +1,25 @@
 """The adapter configuration: one validated dataclass for LoRA, BLoB, Me-LoRA and the baselines.
 
-Every field has a one-line `help`; invalid values raise `ConfigError` on construction, naming the
-field, the value and what is allowed, so that a bad config fails before any compute starts.
+Every field has a one-line `help` and its constraints as metadata, checked on construction by
+`melora.fields.validate`; invalid values raise `ConfigError` naming the field, the value and what
+is allowed, so that a bad config fails before any compute starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from melora.errors import ConfigError
+from melora.fields import check_keys, field_names, validate
 
 METHODS = ("lora", "blob", "melora", "mcd", "ens", "lap", "ts")
 SAMPLING_METHODS = ("blob", "melora", "mcd")  # whose N-sample predictive draws something
 KL_VARIANCES = ("paper", "exact")
 SAMPLE_GRANULARITIES = ("batch", "example")
+# a positive number, kept an int when given one (alpha: 16 stays 16 in written configs)
+_POSITIVE = {"gt": 0, "out_of_range": "must be > 0", "keep_int": True}
 
 
 @dataclass
@@ -28,21 +31,38 @@ class AdapterConfig:
     `M A` towards 0). The defaults are the paper's Table 7 values (METHOD.md).
     """
 
+    section: ClassVar[str] = "adapter"
+
     method: str = field(
         default="melora",
         metadata={
-            "help": "Adapter: 'lora' (MAP), 'blob', 'melora', or a baseline on LoRA layers: 'mcd' (MC dropout), 'ens' (ensemble of LoRA seeds), 'lap' (post-hoc Laplace), 'ts' (MAP + temperature scaling)."
+            "help": "Adapter: 'lora' (MAP), 'blob', 'melora', or a baseline on LoRA layers: 'mcd' (MC dropout), 'ens' (ensemble of LoRA seeds), 'lap' (post-hoc Laplace), 'ts' (MAP + temperature scaling).",
+            "choices": METHODS,
         },
     )
-    r: int = field(default=8, metadata={"help": "Rank of the low-rank update (r >= 1)."})
+    r: int = field(
+        default=8,
+        metadata={
+            "help": "Rank of the low-rank update (r >= 1).",
+            "ge": 1,
+            "out_of_range": "must be an integer >= 1",
+        },
+    )
     alpha: float = field(
         default=16.0,
-        metadata={"help": "LoRA alpha; the update is scaled by s = alpha / r (alpha > 0)."},
+        metadata={
+            "help": "LoRA alpha; the update is scaled by s = alpha / r (alpha > 0).",
+            **_POSITIVE,
+        },
     )
     dropout: float = field(
         default=0.1,
         metadata={
-            "help": "Dropout on the adapter's input in training, in [0, 1); method 'mcd' needs > 0 (the paper: 0.1) and keeps it on at test."
+            "help": "Dropout on the adapter's input in training, in [0, 1); method 'mcd' needs > 0 (the paper: 0.1) and keeps it on at test.",
+            "ge": 0,
+            "lt": 1,
+            "out_of_range": "is out of range: allowed is 0 <= dropout < 1",
+            "keep_int": True,
         },
     )
     target_modules: tuple[str, ...] = field(
@@ -53,7 +73,10 @@ class AdapterConfig:
     )
     sigma_p: float = field(
         default=0.2,
-        metadata={"help": "Prior standard deviation sigma_p of the Bayesian factor (> 0)."},
+        metadata={
+            "help": "Prior standard deviation sigma_p of the Bayesian factor (> 0).",
+            **_POSITIVE,
+        },
     )
     prior_noise: bool = field(
         default=True,
@@ -64,19 +87,22 @@ class AdapterConfig:
     kl_variance: str = field(
         default="paper",
         metadata={
-            "help": "Me-LoRA KL: 'paper' (Eq. 7, ||Omega |A| ||_F^2) or 'exact' (the Gaussian KL of each entry of C A)."
+            "help": "Me-LoRA KL: 'paper' (Eq. 7, ||Omega |A| ||_F^2) or 'exact' (the Gaussian KL of each entry of C A).",
+            "choices": KL_VARIANCES,
         },
     )
     sample_granularity: str = field(
         default="batch",
         metadata={
-            "help": "'batch': one draw per layer per forward (the paper); 'example': one draw per sequence."
+            "help": "'batch': one draw per layer per forward (the paper); 'example': one draw per sequence.",
+            "choices": SAMPLE_GRANULARITIES,
         },
     )
     init_std: float = field(
         default=0.05,
         metadata={
-            "help": "eps0: the std parameter (H or R_A) starts U(eps0/sqrt(2), eps0), so the std starts in [eps0^2/2, eps0^2]."
+            "help": "eps0: the std parameter (H or R_A) starts U(eps0/sqrt(2), eps0), so the std starts in [eps0^2/2, eps0^2].",
+            **_POSITIVE,
         },
     )
     flipout: bool = field(
@@ -91,19 +117,6 @@ class AdapterConfig:
             self.target_modules = (self.target_modules,)
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
-        _check_choice("method", self.method, METHODS)
-        _check_int("r", self.r, minimum=1)
-        _check_positive("alpha", self.alpha)
-        _check_number("dropout", self.dropout)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(
-                f"adapter.dropout={self.dropout!r} is out of range: allowed is 0 <= dropout < 1"
-            )
-        if self.method == "mcd" and self.dropout == 0.0:
-            raise ConfigError(
-                "adapter.method='mcd' with adapter.dropout=0.0: MC dropout averages predictions "
-                "over dropout masks, so it needs dropout > 0; set adapter.dropout (the paper: 0.1)"
-            )
         if (
             not isinstance(self.target_modules, tuple)
             or not self.target_modules
@@ -113,12 +126,12 @@ class AdapterConfig:
                 f"adapter.target_modules={self.target_modules!r} is invalid: "
                 "allowed is a non-empty list of module names such as ['q_proj', 'v_proj']"
             )
-        _check_positive("sigma_p", self.sigma_p)
-        _check_bool("prior_noise", self.prior_noise)
-        _check_choice("kl_variance", self.kl_variance, KL_VARIANCES)
-        _check_choice("sample_granularity", self.sample_granularity, SAMPLE_GRANULARITIES)
-        _check_positive("init_std", self.init_std)
-        _check_bool("flipout", self.flipout)
+        validate(self)
+        if self.method == "mcd" and self.dropout == 0.0:
+            raise ConfigError(
+                "adapter.method='mcd' with adapter.dropout=0.0: MC dropout averages predictions "
+                "over dropout masks, so it needs dropout > 0; set adapter.dropout (the paper: 0.1)"
+            )
 
     @property
     def scaling(self) -> float:
@@ -149,36 +162,5 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         """The inverse of `to_dict`; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"adapter: unknown field(s) {unknown}; allowed are {sorted(known)}")
+        check_keys("adapter", d, field_names(cls), noun="field")
         return cls(**d)
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"adapter.{name}={value!r} is not allowed: choose one of {list(allowed)}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"adapter.{name}={value!r} must be a boolean (true or false)")
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"adapter.{name}={value!r} must be a finite number")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    _check_number(name, value)
-    if value <= 0:
-        raise ConfigError(f"adapter.{name}={value!r} must be > 0")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"adapter.{name}={value!r} must be an integer >= {minimum}")
-    if value < minimum:
-        raise ConfigError(f"adapter.{name}={value!r} must be an integer >= {minimum}")

@@ -35,7 +35,7 @@ def reliability_diagram(
     """
     bins = calibration_bins(probs, labels, n_bins)
     ece_value = ece(probs, labels, n_bins)
-    fig = _draw(bins.edges, bins.count, bins.accuracy, bins.confidence, ece_value, title)
+    fig = _draw(bins.edges, bins.count, bins.accuracy, bins.confidence, ece_value, title=title)
     return _save_atomically(fig, Path(path))
 
 
@@ -88,6 +88,7 @@ def _draw(
     acc: np.ndarray,
     conf: np.ndarray,
     ece_value: float,
+    *,
     title: str | None,
 ) -> Figure:
     fig = Figure(figsize=(4.5, 5.5), layout="constrained")

@@ -9,7 +9,7 @@
 
 A prompt is rendered and tokenised exactly as in training and evaluation (`melora.tasks`: the task's
 template and prompt style, its answer tokens, prompts cut to `max_length` inside the question or
-passage), and answered by `melora.evaluation.predict_with_entropy`, the predictive that a run's
+passage), and answered by `melora.predictive.predict_with_entropy`, the predictive that a run's
 logged test metrics come from:
 
     p(y | x) = (1/N) sum_{s=1..N} softmax(class_logits(x; theta_s)),   theta_s ~ q
@@ -31,10 +31,10 @@ and `choices` are required; a passage task such as BoolQ takes `question` and `c
 choices being its answers). `label` (the index of the right choice) is optional and only passed
 through. Every prompt is checked before any forward runs; an error names the prompt and the field.
 
-Abstention (`abstention_threshold`): on a validation split's predictive, the largest entropy
+Abstention (`melora.abstention`): on a validation split's predictive, the largest entropy
 threshold t such that the prompts with H[p] <= t are answered with at least the requested
-accuracy; a prompt above t abstains. The coverage it reports is the fraction of the validation
-split answered, the coverage to expect on data like it.
+accuracy; a prompt above t abstains. The base model comes from `melora.base_model`, the prompts
+are checked by `melora.user_prompts`; their public names are importable from here as well.
 
 An MLflow pyfunc model (issue 15's `models:/...`) wraps this module: its `load_context` calls
 `load_predictor` on its adapter artifact and the run's task settings, and its
@@ -43,11 +43,9 @@ An MLflow pyfunc model (issue 15's `models:/...`) wraps this module: its `load_c
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, asdict, dataclass, replace
 from typing import Any
 
 import datasets
@@ -56,225 +54,48 @@ import torch
 from torch import nn
 
 from melora import metrics
-from melora.adapters import ADAPTER_CONFIG, attach, load_adapter, read_adapter_config
+from melora.abstention import Abstention, abstention_threshold
+from melora.adapters import attach, load_adapter, read_adapter_config
+from melora.base_model import (
+    DTYPES,
+    load_base_model,
+    load_base_tokenizer,
+    load_base_weights,
+    recorded_base_model,
+)
+from melora.baselines.temperature import apply_temperature
 from melora.config import AdapterConfig
 from melora.errors import ConfigError
-from melora.evaluation import Predictive, predict_with_entropy
+from melora.predictive import Predictive, predict_with_entropy
 from melora.tasks import (
     MAX_LENGTH,
     TaskError,
     TaskSpec,
     answer_token_ids,
-    demo_model_config,
-    demo_tokenizer,
     get_task,
     make_loader,
 )
-from melora.tasks.loading import _to_dataset  # the rows -> prompts step of `load_task`
+from melora.tasks.loading import prompts_dataset
 from melora.tasks.prompts import check_style, template
 from melora.tasks.registry import Example
+from melora.user_prompts import normalise_prompt, read_prompts
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_PATH_PREFIXES = ("/", "./", "../", "~")  # a name with one of these is a folder, never a hub id
-_PARSE_ERRORS = (TaskError, KeyError, TypeError, ValueError, AttributeError)
-_EXAMPLE_FIELDS = {"question", "context", "choices", "label"}  # what a parsed hub row gives
-
-
-# ----- the base model -------------------------------------------------------------------------
-def load_base_model(
-    name_or_path: str, dtype: str = "auto", device: str | torch.device | None = None
-) -> tuple[Any, nn.Module]:
-    """(tokenizer, model in eval mode): 'demo', a local folder or a Hugging Face hub id.
-
-    'demo' is the demo's tiny Llama exactly as training builds it (`demo_model_config`, weights
-    drawn under `torch.manual_seed(0)`; the caller's RNG state is left as it was). Otherwise
-    `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained` with `trust_remote_code=False`; the
-    tokenizer pads on the left, with EOS where it has no pad token. `dtype` 'auto' is bf16 on a
-    GPU and fp32 on the CPU; `device` defaults to the GPU when one is visible.
-    A folder that does not exist, or a name the hub cannot serve, is a `ConfigError`.
-    """
-    tokenizer = load_base_tokenizer(name_or_path)
-    return tokenizer, _load_model(name_or_path, tokenizer, dtype, device)
+__all__ = [  # this module's own names, and those of the modules it was split into
+    "DTYPES",
+    "Abstention",
+    "Answer",
+    "Predictor",
+    "abstention_threshold",
+    "load_base_model",
+    "load_base_tokenizer",
+    "load_predictor",
+    "normalise_prompt",
+    "read_prompts",
+    "recorded_base_model",
+]
 
 
-def load_base_tokenizer(name_or_path: str) -> Any:
-    """The tokenizer of `load_base_model` alone: the cheap half, to check a task's answer tokens
-    before the weights load."""
-    if name_or_path == "demo":
-        return demo_tokenizer()
-    from transformers import AutoTokenizer
-
-    tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _load_model(
-    name_or_path: str, tokenizer: Any, dtype: str, device: str | torch.device | None
-) -> nn.Module:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = _torch_dtype(dtype, device)
-    if name_or_path == "demo":
-        from transformers import LlamaForCausalLM
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the one fixed "pretrained" demo model (orchestrator.worker)
-            model = LlamaForCausalLM(demo_model_config(tokenizer))
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=torch_dtype)
-    return model.to(device=device, dtype=torch_dtype).eval()
-
-
-def _from_pretrained(cls: Any, name_or_path: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained` of a folder or hub id, never with remote code; a `ConfigError`
-    naming the model when there is no such folder or the hub cannot serve it."""
-    local = Path(name_or_path).expanduser()
-    if name_or_path.startswith(_PATH_PREFIXES) and not local.is_dir():
-        raise ConfigError(
-            f"base model {name_or_path!r} not found: no such folder (a local model is a folder "
-            "with config.json); give the folder the adapter was trained on, a hub id, or 'demo'"
-        )
-    source = str(local) if local.is_dir() else name_or_path
-    try:
-        return cls.from_pretrained(source, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError) as err:  # no such folder or hub id, offline, not a causal LM
-        raise ConfigError(
-            f"base model {name_or_path!r} could not be loaded: it is not a local model folder, "
-            f"and the Hugging Face hub cannot serve it ({type(err).__name__}: {err}); give the "
-            "model the adapter was trained on (a hub id, a folder, or 'demo')"
-        ) from None
-
-
-def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not allowed: use 'auto' or one of {list(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def recorded_base_model(adapter_dir: str | os.PathLike) -> str | None:
-    """The base model `melora.save_adapter` recorded beside the adapter (None when it has none,
-    as for a model built from a config, such as the demo's)."""
-    read_adapter_config(adapter_dir)  # a clear error when the folder holds no adapter
-    return json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get("base_model")
-
-
-# ----- prompts --------------------------------------------------------------------------------
-def normalise_prompt(row: Any, spec: TaskSpec, where: str, fallback_id: str) -> Example:
-    """One prompt as a normalised `Example` of task `spec`; `label` is None when it has none.
-
-    `row` is a row of the task's hub schema (parsed by the task's own parser) or the plain form
-    (module doc). A `TaskError` naming `where` and the field says what is wrong.
-    """
-    if not isinstance(row, Mapping):
-        raise TaskError(
-            f"{where}: a prompt is a JSON object such as "
-            f'{{"question": "...", "choices": ["...", "..."]}}, got {type(row).__name__}'
-        )
-    try:
-        parsed: dict[str, Any] | None = dict(spec.parse(dict(row), fallback_id))
-        hub_error = None
-    except _PARSE_ERRORS as err:
-        parsed, hub_error = None, err
-    if parsed is None or not _EXAMPLE_FIELDS <= parsed.keys():  # not a labelled hub row
-        parsed = _plain_prompt(row, spec, where, hub_error)
-    if parsed.get("id") is None:
-        parsed["id"] = fallback_id
-    parsed.setdefault("context", "")
-    return _checked(parsed, spec, where)
-
-
-def _plain_prompt(
-    row: Mapping[str, Any], spec: TaskSpec, where: str, hub_error: BaseException | None
-) -> dict[str, Any]:
-    passage = spec.kind == "passage"
-    needed = ("question",) if passage else ("question", "choices")
-    missing = [name for name in needed if name not in row]
-    if missing:
-        hub = f" ({hub_error})" if hub_error is not None else ""
-        raise TaskError(
-            f"{where}: the field(s) {missing} are missing: a prompt needs 'question' and "
-            f"'choices' (a list of strings), or a row in the hub schema of task {spec.name!r}{hub}"
-        )
-    choices = row.get("choices", list(spec.answers))
-    if passage and choices != list(spec.answers):
-        raise TaskError(
-            f"{where}: 'choices' must be left out or be {list(spec.answers)}: task {spec.name!r} "
-            "answers a question about a passage ('context') with those answers"
-        )
-    return {
-        "id": row.get("id"),
-        "question": row["question"],
-        "context": row.get("context", ""),
-        "choices": choices,
-        "label": row.get("label"),
-    }
-
-
-def _checked(parsed: Mapping[str, Any], spec: TaskSpec, where: str) -> Example:
-    """A clean `Example` with the fields checked against the task (types, number of choices)."""
-    for name in ("question", "context"):
-        if not isinstance(parsed[name], str):
-            raise TaskError(
-                f"{where}: '{name}' must be a string, got {type(parsed[name]).__name__}"
-            )
-    choices = parsed["choices"]
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-        raise TaskError(f"{where}: 'choices' must be a list of strings, got {choices!r:.200}")
-    k = len(spec.answers)
-    if not 2 <= len(choices) <= k:
-        raise TaskError(
-            f"{where}: 'choices' has {len(choices)} entries; task {spec.name!r} answers with "
-            f"{list(spec.answers)}, so a prompt has 2 to {k} choices"
-        )
-    label = parsed.get("label")
-    if label is not None and (
-        isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices)
-    ):
-        raise TaskError(
-            f"{where}: 'label' must be the index of the right choice, an integer in "
-            f"[0, {len(choices)}), or left out; got {label!r:.100}"
-        )
-    return Example(
-        id=str(parsed["id"]),
-        question=parsed["question"],
-        context=parsed["context"],
-        choices=list(choices),
-        label=label,  # type: ignore[typeddict-item]  # None: no label given
-    )
-
-
-def read_prompts(path: str | os.PathLike, task: str) -> list[Example]:
-    """The prompts of a JSONL file (one JSON object a line; blank lines are skipped), checked
-    against task `task` (`normalise_prompt`); errors name the file and the line."""
-    spec = get_task(task)
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TaskError(f"cannot read the prompts file {path}: {err}") from None
-    prompts = []
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{where}: not valid JSON ({err})") from None
-        prompts.append(normalise_prompt(row, spec, where, fallback_id=f"line-{line_no}"))
-    if not prompts:
-        raise TaskError(f"{path} holds no prompts: write one JSON object per line")
-    return prompts
-
-
-# ----- answers and abstention -----------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Answer:
     """The predictive of one prompt (module doc). `abstain` is None without an abstention rule."""
 
@@ -295,63 +116,6 @@ class Answer:
         return d
 
 
-@dataclass(frozen=True)
-class Abstention:
-    """Answer a prompt when its predictive entropy is at most `threshold` (nats), else abstain.
-
-    `accuracy` and `coverage` are measured on the split the threshold was picked on (the
-    fraction of it answered, and the accuracy there); `target` is the accuracy that was asked.
-    """
-
-    threshold: float
-    target: float
-    accuracy: float
-    coverage: float
-
-    def abstains(self, entropy: float) -> bool:
-        """True when a prompt of this entropy is left unanswered."""
-        return bool(entropy > self.threshold)
-
-
-def abstention_threshold(probs: Any, labels: Any, target_accuracy: float) -> Abstention:
-    """The entropy threshold with the largest coverage whose answered part reaches the accuracy.
-
-    With u_i = H[p_i] (`melora.metrics.entropy`) and c_i = [argmax_k p_ik == y_i], answering the
-    examples with u_i <= t has coverage |{u_i <= t}| / n and accuracy mean(c_i : u_i <= t). The
-    candidates t are the distinct u_i (a threshold cannot split examples of equal entropy); the
-    largest t whose accuracy is >= `target_accuracy` is chosen (accuracy need not fall
-    monotonically with t, so this is a search, not a bisection). None reaching it is a
-    `ConfigError` giving the best accuracy on offer.
-    """
-    if isinstance(target_accuracy, bool) or not 0.0 < float(target_accuracy) <= 1.0:
-        raise ConfigError(f"abstain_at={target_accuracy!r} must be an accuracy in (0, 1]")
-    entropy = metrics.entropy(probs)
-    p = np.asarray(torch.as_tensor(probs).double())
-    y = np.asarray(torch.as_tensor(labels))
-    if y.shape != (len(p),):
-        raise ConfigError(f"labels must have shape ({len(p)},), got {y.shape}")
-    order = np.argsort(entropy, kind="stable")
-    u, correct = entropy[order], (p.argmax(axis=1) == y)[order]
-    accuracy = np.cumsum(correct) / np.arange(1, len(u) + 1)
-    ends = np.flatnonzero(np.append(u[1:] != u[:-1], True))  # the last index of each tie group
-    reached = ends[accuracy[ends] >= target_accuracy]
-    if len(reached) == 0:
-        best = ends[np.argmax(accuracy[ends])]
-        raise ConfigError(
-            f"no entropy threshold reaches accuracy {target_accuracy:g} on the {len(u)} "
-            f"validation examples: the best is {accuracy[best]:.4f}, answering the "
-            f"{best + 1} most certain (coverage {(best + 1) / len(u):.4f}); ask for less"
-        )
-    k = int(reached[-1])
-    return Abstention(
-        threshold=float(u[k]),
-        target=float(target_accuracy),
-        accuracy=float(accuracy[k]),
-        coverage=(k + 1) / len(u),
-    )
-
-
-# ----- the predictor --------------------------------------------------------------------------
 @dataclass
 class Predictor:
     """A base model with a trained adapter, and the task whose prompts it answers.
@@ -363,6 +127,7 @@ class Predictor:
     model: nn.Module
     tokenizer: Any
     task: TaskSpec
+    _: KW_ONLY
     prompt_style: str = "laplace"
     max_length: int = MAX_LENGTH
     batch_size: int = 16
@@ -404,8 +169,6 @@ class Predictor:
         if not self.config.samples_at_test:
             result = replace(result, draws=1)
         if self.temperature is not None:
-            from melora.baselines.temperature import apply_temperature
-
             probs = apply_temperature(result.probs, self.temperature)
             entropy = torch.from_numpy(metrics.entropy(probs))
             result = replace(result, probs=probs, expected_entropy=entropy, draws=1)
@@ -459,7 +222,7 @@ class Predictor:
 
     def _dataset(self, prompts: Sequence[Example]) -> datasets.Dataset:
         rows = [{**p, "label": 0 if p["label"] is None else p["label"]} for p in prompts]
-        return _to_dataset(rows, self.task, self.prompt_style)
+        return prompts_dataset(rows, self.task, self.prompt_style)
 
     def _device(self) -> torch.device:
         param = next(self.model.parameters())
@@ -470,6 +233,7 @@ def load_predictor(
     adapter_dir: str | os.PathLike,
     task: str,
     base_model: str | None = None,
+    *,
     prompt_style: str = "laplace",
     max_length: int = MAX_LENGTH,
     batch_size: int = 16,
@@ -488,6 +252,34 @@ def load_predictor(
     config = read_adapter_config(adapter_dir)
     spec = get_task(task)
     check_style(prompt_style)
+    _check_method(config, adapter_dir, temperature)
+    base = base_model or recorded_base_model(adapter_dir)
+    if not base:
+        raise ConfigError(
+            f"the adapter in {adapter_dir} does not record its base model: give the model it "
+            "was trained on (a hub id, a folder, or 'demo') as base_model, or in "
+            "jobs/predict.py as --set model.name_or_path=..."
+        )
+    tokenizer = load_base_tokenizer(base)
+    answer_token_ids(tokenizer, spec.answers, template(prompt_style, spec.kind).cue)
+    model = attach(load_base_weights(base, tokenizer, dtype, device), config)
+    load_adapter(model, adapter_dir)
+    return Predictor(
+        model.eval(),
+        tokenizer,
+        spec,
+        prompt_style=prompt_style,
+        max_length=max_length,
+        batch_size=batch_size,
+        temperature=temperature,
+    )
+
+
+def _check_method(
+    config: AdapterConfig, adapter_dir: str | os.PathLike, temperature: float | None
+) -> None:
+    """A `ConfigError` for an adapter whose predictive is not one adapter's (ENS, LAP), and for a
+    temperature given without method 'ts' or missing with it."""
     if config.method in ("ens", "lap"):
         raise ConfigError(
             f"the adapter in {adapter_dir} has method {config.method!r}, whose predictive is not "
@@ -499,17 +291,3 @@ def load_predictor(
             f"temperature={temperature!r} with adapter method {config.method!r}: a temperature "
             "is given for method 'ts' (its run's metric 'temperature'), and only for it"
         )
-    base = base_model or recorded_base_model(adapter_dir)
-    if not base:
-        raise ConfigError(
-            f"the adapter in {adapter_dir} does not record its base model: give the model it "
-            "was trained on (a hub id, a folder, or 'demo') as base_model, or in "
-            "jobs/predict.py as --set model.name_or_path=..."
-        )
-    tokenizer = load_base_tokenizer(base)
-    answer_token_ids(tokenizer, spec.answers, template(prompt_style, spec.kind).cue)
-    model = attach(_load_model(base, tokenizer, dtype, device), config)
-    load_adapter(model, adapter_dir)
-    return Predictor(
-        model.eval(), tokenizer, spec, prompt_style, max_length, batch_size, temperature
-    )

@@ -35,9 +35,9 @@ from melora.evaluation import (
     Predictions,
     Predictive,
     RunEvaluation,
-    _resolve_id_task,
     metrics_of,
     predict_sets,
+    resolve_id_task,
     uncertainty_metrics_of,
 )
 
@@ -101,6 +101,7 @@ def evaluate_ensemble(
     test_loaders: Mapping[str, Iterable[Batch]],
     ood_loaders: Mapping[str, Iterable[Batch]] | None = None,
     id_task: str | None = None,
+    *,
     n_samples: Sequence[int] = DEFAULT_N_SAMPLES,
     n_bins: int = 15,
 ) -> RunEvaluation:
@@ -108,7 +109,7 @@ def evaluate_ensemble(
     keys (`test/<task>/<metric>_n<N>`, `ood/<task>/<metric>_n<N>` with `auroc`)."""
     ood_loaders = ood_loaders or {}
     if ood_loaders:
-        id_task = _resolve_id_task(test_loaders, id_task)
+        id_task = resolve_id_task(test_loaders, id_task)
     both, predictive = _predict_members(
         model, adapter_dirs, {"test": test_loaders, "ood": ood_loaders}, n_samples
     )

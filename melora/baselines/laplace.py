@@ -36,150 +36,28 @@ How the pieces meet laplace-torch:
   singular and laplace-torch's Cholesky would fail.
 - The validation gridsearch is done here as well: one Jacobian per validation batch serves
   every grid value, where laplace-torch's recomputes it per value.
+
+`LaplaceConfig` lives in `melora.baselines.laplace_config` (plain Python) and is re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from melora.adapters import _full_shape, adapted_layers, adapter_parameters
-from melora.errors import ConfigError, MeLoraError
+from melora.adapters import adapted_layers, adapter_parameters, full_shape
+from melora.baselines.laplace_config import LaplaceConfig
+from melora.errors import MeLoraError
 from melora.evaluation import Batch, Predictions, class_logits
 from melora.layers import LoraLinear
 
-PRIOR_TUNINGS = ("marglik", "gridsearch", "none")
-PRIOR_STRUCTURES = ("scalar", "layerwise")
-LINK_APPROXES = ("mc", "probit")
 MASKED_LOGIT = -1e4  # a choice the row does not have: probability exp(-1e4) = 0 in float32
-
-
-@dataclass
-class LaplaceConfig:
-    """How LAP fits, tunes and predicts (METHOD.md: KFAC, marglik-tuned prior, GLM predictive by MC).
-
-    `prior_tuning` "marglik" maximises the Laplace evidence on the training set (Laplace-LoRA with
-    the whole training set); "gridsearch" minimises the validation NLL of the predictive over a
-    log grid (needs a validation split: Laplace-LoRA's train/val protocol). Raise `grid_size` for
-    a finer grid (each value costs one covariance solve per validation batch, not a forward).
-    `predict_batch_size` stays small: each of the batch x classes Jacobian rows is a backward pass
-    through the whole batch, so time per example grows with the batch (demo on CPU: 40 examples
-    took 0.42 s at 1 or 2 per batch, 0.69 s at 5, 1.46 s at 10, 5.0 s at 20), and so does the
-    memory of the Jacobian (batch x classes x LoRA parameters).
-    """
-
-    prior_tuning: str = field(
-        default="marglik",
-        metadata={
-            "help": "Prior precision: 'marglik' (Laplace evidence on the training set), 'gridsearch' (validation NLL) or 'none' (keep prior_precision)."
-        },
-    )
-    prior_structure: str = field(
-        default="scalar",
-        metadata={
-            "help": "'scalar': one prior precision for every LoRA parameter (Laplace-LoRA); 'layerwise': one per factor (marglik only)."
-        },
-    )
-    prior_precision: float = field(
-        default=1.0,
-        metadata={
-            "help": "Prior precision lambda: the start of the marglik optimisation, or the value used with prior_tuning 'none' (> 0)."
-        },
-    )
-    link_approx: str = field(
-        default="mc",
-        metadata={
-            "help": "GLM predictive at N >= 1: 'mc' (average softmax of N sampled logit vectors) or 'probit' (closed form, the same for every N)."
-        },
-    )
-    marglik_steps: int = field(
-        default=100,
-        metadata={"help": "Adam steps on log lambda when prior_tuning is 'marglik' (>= 1)."},
-    )
-    marglik_lr: float = field(
-        default=0.1, metadata={"help": "Adam learning rate on log lambda (> 0)."}
-    )
-    grid_min: float = field(
-        default=-4.0, metadata={"help": "Gridsearch: smallest lambda is 10**grid_min."}
-    )
-    grid_max: float = field(
-        default=4.0, metadata={"help": "Gridsearch: largest lambda is 10**grid_max (> grid_min)."}
-    )
-    grid_size: int = field(
-        default=21, metadata={"help": "Gridsearch: lambda values, log-spaced (>= 2)."}
-    )
-    tune_n_samples: int = field(
-        default=100,
-        metadata={
-            "help": "Gridsearch with link_approx 'mc': logit samples per validation example (>= 1)."
-        },
-    )
-    fit_batch_size: int = field(
-        default=8,
-        metadata={
-            "help": "Examples per KFAC batch (one forward and one backward per class each) (>= 1)."
-        },
-    )
-    predict_batch_size: int = field(
-        default=2,
-        metadata={
-            "help": "Examples per Jacobian in prediction and gridsearch; time per example and memory grow with it: keep it small (>= 1)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        _choice("prior_tuning", self.prior_tuning, PRIOR_TUNINGS)
-        _choice("prior_structure", self.prior_structure, PRIOR_STRUCTURES)
-        _choice("link_approx", self.link_approx, LINK_APPROXES)
-        for name in ("prior_precision", "marglik_lr"):
-            setattr(self, name, _number(name, getattr(self, name)))
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"laplace.{name}={getattr(self, name)!r} must be > 0")
-        for name in ("grid_min", "grid_max"):
-            setattr(self, name, _number(name, getattr(self, name)))
-        if self.grid_max <= self.grid_min:
-            raise ConfigError(
-                f"laplace.grid_max={self.grid_max!r} must be > laplace.grid_min={self.grid_min!r}"
-            )
-        for name, minimum in (
-            ("marglik_steps", 1),
-            ("grid_size", 2),
-            ("tune_n_samples", 1),
-            ("fit_batch_size", 1),
-            ("predict_batch_size", 1),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"laplace.{name}={value!r} must be an integer >= {minimum}")
-        if self.prior_structure == "layerwise" and self.prior_tuning != "marglik":
-            raise ConfigError(
-                f"laplace.prior_structure='layerwise' with prior_tuning={self.prior_tuning!r}: "
-                "a per-factor prior is only tuned by 'marglik'; use prior_structure 'scalar'"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"laplace.{name}={value!r} is not allowed: choose one of {list(allowed)}")
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"laplace.{name}={value!r} must be a finite number")
-    return float(value)
 
 
 # ----- the function laplace-torch sees ---------------------------------------------------------------
@@ -234,8 +112,8 @@ class LaplaceLoRA:
 
     def __init__(self, model: nn.Module, config: LaplaceConfig | None = None) -> None:
         try:
-            from laplace import Laplace
-            from laplace.curvature import CurvlinopsGGN
+            from laplace import Laplace  # optional dependency (requirements/laplace.txt)
+            from laplace.curvature import CurvlinopsGGN  # the same optional dependency
         except ImportError as err:  # pragma: no cover - the project installs it
             raise MeLoraError(
                 "LAP needs laplace-torch: install it with "
@@ -522,8 +400,8 @@ def kfac_memory(model: nn.Module, bytes_per_value: int = 4) -> dict[str, int]:
     factors = 0
     eigenvalues = 0
     for _, layer in adapted_layers(model):
-        r, n = _full_shape(layer.lora_A)
-        m, _ = _full_shape(layer.lora_B)
+        r, n = full_shape(layer.lora_A)
+        m, _ = full_shape(layer.lora_B)
         factors += r * r + n * n + m * m + r * r
         eigenvalues += r + n + m + r
     return {

@@ -199,6 +199,7 @@ def make_loader(
     dataset: datasets.Dataset,
     tokenizer: Any,
     batch_size: int,
+    *,
     shuffle: bool = False,
     seed: int = 0,
     max_length: int = MAX_LENGTH,

@@ -114,6 +114,7 @@ def demo_tokenizer() -> PreTrainedTokenizerFast:
     Tokens: `<pad>`, `<s>` (BOS, prepended), `</s>`, `<unk>`, then each printable ASCII
     character. Left padding, as the batches need.
     """
+    # why here: transformers is slow to import, and the task registry loads without it
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -156,7 +157,7 @@ def demo_model_config(
     - 600 steps: test 0.89, ECE 0.05; `demo_ood` 0.62 at confidence 0.70 (ECE 0.10):
       calibrated in distribution, over-confident under the shift.
     """
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # why here: slow to import; only the demo model needs it
 
     return LlamaConfig(
         vocab_size=len(tokenizer),

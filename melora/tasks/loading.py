@@ -115,7 +115,7 @@ def load_task(
         rows = hub_rows[hub_split]
         cut = cut_point(len(rows), split_policy)
         rows = {"all": rows, "head": rows[:cut], "tail": rows[cut:]}[part]
-        out[split] = _to_dataset(rows, spec, prompt_style)
+        out[split] = prompts_dataset(rows, spec, prompt_style)
     return out
 
 
@@ -195,7 +195,7 @@ def _local_file(spec: TaskSpec, hub_split: str, data_dir: Path) -> Path:
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # why: only a .parquet split needs pyarrow
 
         return pq.read_table(path).to_pylist()
     rows = []
@@ -209,7 +209,10 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _to_dataset(rows: list[Example], spec: TaskSpec, prompt_style: str) -> datasets.Dataset:
+def prompts_dataset(rows: list[Example], spec: TaskSpec, prompt_style: str) -> datasets.Dataset:
+    """Normalised rows of task `spec` as a `Dataset` of `FEATURES`, each with its number of
+    choices, its task, its prompt style and its `prompt` rendered in that style: the last step
+    of `load_task`, and how `melora.predict` turns a user's prompts into a split."""
     records = [
         {
             **row,

@@ -116,6 +116,7 @@ def render(
     question: str,
     context: str,
     choices: Sequence[str],
+    *,
     capitalise: bool = False,
 ) -> str:
     """The prompt of one example: the style's template filled with the example's fields.

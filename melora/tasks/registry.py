@@ -63,7 +63,7 @@ class TaskSpec:
             example["question"],
             example["context"],
             example["choices"],
-            self.capitalise_choices,
+            capitalise=self.capitalise_choices,
         )
 
 

@@ -32,17 +32,16 @@ from melora.errors import ConfigError
 from melora.tasks import load_task, make_loader
 from orchestrator import tracking
 from orchestrator.config import RunConfig
+from orchestrator.errors import PosthocError
 from orchestrator.posthoc.runs import (
-    PosthocError,
     download_adapter,
     finished_run_config,
     log_evaluation,
-    tracked_run,
     whole_model,
 )
-from orchestrator.train.trainer import RunResult
+from orchestrator.tracking.conventions import MEMBERS_TAG, METHOD_TAG, SEED_TAG, SWEEP_TAG, TASK_TAG
+from orchestrator.train.trainer import RunResult, fit_run, run_tags
 
-MEMBERS_TAG = "ensemble_members"
 # Params that may differ between a member and the ENS run's LoRA config: naming, tracking,
 # what the final evaluation computes, LAP's section (unused by LoRA), the restart budget.
 _FREE_PARAMS = ("name", "seed", "adapter.method", "tracking.", "laplace.", "eval.n_samples",
@@ -68,16 +67,17 @@ def find_member_runs(
     records = tracking.search_runs(
         uri,
         [experiment_id],
-        f"tags.method = 'lora' and tags.task = '{run.task.name}' and attributes.status = 'FINISHED'",
+        f"tags.{METHOD_TAG} = 'lora' and tags.{TASK_TAG} = '{run.task.name}' "
+        "and attributes.status = 'FINISHED'",
     )
     found: dict[int, str] = {}
     for seed in seeds:
         member = run.ensemble_member(seed)
         usable = [
-            r for r in records if r.tags.get("seed") == str(seed) and _matches(member, r.params)
+            r for r in records if r.tags.get(SEED_TAG) == str(seed) and _matches(member, r.params)
         ]
         if usable:
-            usable.sort(key=lambda r: sweep is not None and r.tags.get("sweep") == sweep)
+            usable.sort(key=lambda r: sweep is not None and r.tags.get(SWEEP_TAG) == sweep)
             found[seed] = usable[-1].run_id  # oldest first, so the last is the newest preferred
     return found
 
@@ -86,6 +86,7 @@ def fit_ensemble(
     run: RunConfig,
     parent_run_id: str | None = None,
     sweep: str | None = None,
+    *,
     size: int = DEFAULT_SIZE,
     train_missing: bool = True,
     tags: Mapping[str, str] | None = None,
@@ -110,8 +111,6 @@ def fit_ensemble(
             f"ENS seed {run.seed} needs LoRA runs of seeds {list(seeds)}; none tracked for {missing}"
         )
     if missing:
-        from orchestrator.train.trainer import fit_run
-
         for seed in missing:
             found[seed] = fit_run(run.ensemble_member(seed), parent_run_id, sweep).mlflow_run_id
     return evaluate_ensemble_run(run, [found[s] for s in seeds], parent_run_id, sweep, tags)
@@ -125,7 +124,8 @@ def _finished_ensemble(uri: str, run: RunConfig, member_ids: list[str | None]):
     records = tracking.search_runs(
         uri,
         [experiment_id],
-        f"tags.method = 'ens' and attributes.status = 'FINISHED' and attributes.run_name = '{run.run_name}'",
+        f"tags.{METHOD_TAG} = 'ens' and attributes.status = 'FINISHED' "
+        f"and attributes.run_name = '{run.run_name}'",
     )
     same = [r for r in records if r.tags.get(MEMBERS_TAG) == ",".join(member_ids)]
     return same[-1] if same else None
@@ -145,7 +145,7 @@ def evaluate_ensemble_run(
     if not member_run_ids or len(set(member_run_ids)) != len(member_run_ids):
         raise PosthocError(f"an ensemble needs distinct member runs, got {list(member_run_ids)}")
     if run.scaling.use_gpu:
-        import ray
+        import ray  # heavy: only on this path, where a running Ray may place the task
 
         if ray.is_initialized():
             task = ray.remote(_evaluate_ensemble_run).options(
@@ -189,11 +189,14 @@ def _evaluate_ensemble_run(
             "ensemble.member_seeds": json.dumps(seeds),
             "ensemble.size": len(members),
         }
-        all_tags = {**(tags or {}), MEMBERS_TAG: ids}
-        with tracked_run(run, all_tags, extra_params, parent_run_id, sweep) as (
-            uri,
-            ens_id,
-        ):
+        with tracking.tracked_run(
+            run.tracking,
+            run_name=run.run_name,
+            tags={**run_tags(run, sweep), **(tags or {}), MEMBERS_TAG: ids},
+            params={**run.flat_params(), **extra_params},
+            config_yaml=run.to_yaml(),
+            parent_run_id=parent_run_id,
+        ) as (uri, ens_id):
             tokenizer, model, _ = whole_model(run)
             attach(model, adapter_cfg)
             test, ood = _loaders(run, tokenizer)
@@ -213,7 +216,7 @@ def _evaluate_ensemble_run(
                 run,
                 evaluation.metrics,
                 evaluation.predictions,
-                {"ensemble/members.json": json.dumps(table, indent=2) + "\n"},
+                files={"ensemble/members.json": json.dumps(table, indent=2) + "\n"},
             )
     return RunResult(mlflow_run_id=ens_id, tracking_uri=uri, metrics=evaluation.metrics, path="")
 

@@ -9,18 +9,18 @@ import tempfile
 from typing import Any
 
 from melora.adapters import attach, load_adapter, read_adapter_config
-from orchestrator.config import RunConfig
+from orchestrator import tracking
+from orchestrator.errors import PosthocError
 from orchestrator.posthoc.runs import (
-    PosthocError,
     download_adapter,
     finished_run_config,
     log_evaluation,
-    tracked_run,
     whole_model,
 )
+from orchestrator.tracking.conventions import MAP_RUN_TAG
+from orchestrator.train.data import TaskData
 from orchestrator.train.laplace import evaluate_final_laplace
-from orchestrator.train.trainer import RunResult
-from orchestrator.train.worker import TaskData
+from orchestrator.train.trainer import RunResult, run_tags
 
 
 def laplace_from_run(
@@ -45,16 +45,23 @@ def laplace_from_run(
                 f"MLflow run {map_run_id} trained adapter.method {source.adapter.method!r}: LAP "
                 "needs a LoRA (MAP) adapter, a run of method 'lora' or 'lap'"
             )
-        d = source.to_dict()
-        d["adapter"]["method"] = "lap"
-        d["name"] = f"{source.name}-lap" if source.name else None
-        d["tracking"]["tracking_uri"] = uri
-        if d["scaling"]["zero_stage"] == 3:
-            d["scaling"]["zero_stage"] = 2
-        run = RunConfig.from_dict(d).with_overrides(overrides or {})
+        lap = {
+            "adapter.method": "lap",
+            "name": f"{source.name}-lap" if source.name else None,
+            "tracking.tracking_uri": uri,
+        }
+        if source.scaling.zero_stage == 3:
+            lap["scaling.zero_stage"] = 2
+        run = source.with_overrides(lap).with_overrides(overrides or {})
         adapter_dir = download_adapter(uri, map_run_id, tmp)
-        extra = {"laplace.map_run_id": map_run_id}
-        with tracked_run(run, {"map_run": map_run_id}, extra, parent_run_id, sweep) as (_, run_id):
+        with tracking.tracked_run(
+            run.tracking,
+            run_name=run.run_name,
+            tags={**run_tags(run, sweep), MAP_RUN_TAG: map_run_id},
+            params={**run.flat_params(), "laplace.map_run_id": map_run_id},
+            config_yaml=run.to_yaml(),
+            parent_run_id=parent_run_id,
+        ) as (_, run_id):
             tokenizer, model, _ = whole_model(run)
             attach(model, read_adapter_config(adapter_dir))
             load_adapter(model, adapter_dir)

@@ -3,14 +3,14 @@
 ENS (`orchestrator.posthoc.ensemble`) and post-hoc LAP (`orchestrator.posthoc.laplace.laplace_from_run`)
 both read finished runs back (their resolved config and adapter artifacts), load the base model
 whole in one process, evaluate, and log a new run with the same metric keys as a training run.
-This module holds what they share; it talks to MLflow only through `orchestrator.tracking`.
+This module holds what they share; it talks to MLflow only through `orchestrator.tracking`
+(whose `tracked_run` opens and closes their runs).
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ import yaml
 from melora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from orchestrator import tracking
 from orchestrator.config import RunConfig
-from orchestrator.errors import PosthocError, RunFailedError
-from orchestrator.train.trainer import run_tags
+from orchestrator.errors import PosthocError
+from orchestrator.tracking.conventions import RESOLVED_CONFIG
+from orchestrator.train.model import build_model
 
 
 def finished_run_config(uri: str, run_id: str, dst: str | Path) -> RunConfig:
@@ -34,7 +35,7 @@ def finished_run_config(uri: str, run_id: str, dst: str | Path) -> RunConfig:
         ) from None
     if status != "FINISHED":
         raise PosthocError(f"MLflow run {run_id} is {status}, not FINISHED: use a finished run")
-    path = tracking.download_artifact(uri, run_id, "config/resolved.yaml", dst)
+    path = tracking.download_artifact(uri, run_id, RESOLVED_CONFIG, dst)
     if path is None:
         raise PosthocError(
             f"MLflow run {run_id} has no config/resolved.yaml artifact: was it made by fit_run?"
@@ -60,51 +61,11 @@ def whole_model(run: RunConfig) -> tuple[Any, torch.nn.Module, torch.device]:
     On a GPU when `scaling.use_gpu` and one is visible, else the CPU; the weights' dtype follows
     `model.dtype` as in training. No DeepSpeed: ZeRO-3's partitioned loading is not used here.
     """
-    from orchestrator.train.worker import build_model
-
     on_gpu = run.scaling.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    loading = run if run.scaling.zero_stage != 3 else _with_zero2(run)
+    loading = run if run.scaling.zero_stage != 3 else run.with_overrides({"scaling.zero_stage": 2})
     tokenizer, model = build_model(loading, {}, on_gpu)
     return tokenizer, model.to(device).eval(), device
-
-
-def _with_zero2(run: RunConfig) -> RunConfig:
-    d = run.to_dict()
-    d["scaling"]["zero_stage"] = 2
-    return RunConfig.from_dict(d)
-
-
-@contextmanager
-def tracked_run(
-    run: RunConfig,
-    extra_tags: Mapping[str, str],
-    extra_params: Mapping[str, Any],
-    parent_run_id: str | None = None,
-    sweep: str | None = None,
-) -> Iterator[tuple[str, str]]:
-    """Create the run's MLflow run (tags as a training run's plus `extra_tags`; params the
-    config's plus `extra_params`) and yield (uri, run id). It ends FINISHED, or FAILED with the
-    reason when the block raises (re-raised as `RunFailedError`)."""
-    uri = tracking.resolve_tracking_uri(run.tracking)
-    tracking.check_reachable(uri)
-    experiment_id = tracking.ensure_experiment(uri, run.tracking.experiment)
-    run_id = tracking.start_or_resume_run(
-        uri,
-        experiment_id,
-        run_name=run.run_name,
-        tags={**run_tags(run, sweep), **extra_tags},
-        parent_run_id=parent_run_id,
-    )
-    try:
-        tracking.log_params(uri, run_id, {**run.flat_params(), **extra_params})
-        tracking.log_text(uri, run_id, run.to_yaml(), "config/resolved.yaml")
-        yield uri, run_id
-    except Exception as err:
-        reason = f"{type(err).__name__}: {err}"
-        tracking.set_terminated(uri, run_id, "FAILED", reason)
-        raise RunFailedError(f"{run.run_name} failed (MLflow run {run_id}): {reason}") from err
-    tracking.set_terminated(uri, run_id, "FINISHED")
 
 
 def log_evaluation(
@@ -113,11 +74,12 @@ def log_evaluation(
     run: RunConfig,
     metrics: Mapping[str, float],
     predictions: Mapping[str, Any],
+    *,
     files: Mapping[str, str] | None = None,
 ) -> None:
     """Log final metrics (at step 0), one reliability diagram per set and N, and text `files`
     ({artifact path: text})."""
-    from melora.plots import reliability_diagrams
+    from melora.plots import reliability_diagrams  # matplotlib: only where diagrams are drawn
 
     tracking.log_metrics(uri, run_id, metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -79,6 +79,7 @@ def _table(
     model: str,
     kind: str,
     caption: str,
+    *,
     rows: tuple[str, ...],
     text: dict[str, dict[str, str]],
     notes: dict[tuple[str, str, str], str] | None = None,
@@ -115,7 +116,7 @@ _SPLIT = "read from a number split by the extraction"
 TABLE_2 = _table(2, "Llama2-13B", "id",
     "Performance of different methods applied to LoRA on Llama2-13B pre-trained weights "
     "(six commonsense reasoning tasks, 5,000 training steps).",
-    BASELINE_ROWS, {
+    rows=BASELINE_ROWS, text={
     "acc": {
         "MAP":  "72.35 0.75 | 72.78 0.46 | 88.06 0.67 | 79.31 0.26 | 83.93 1.16 | 83.85 0.63",
         "MCD":  "69.51 0.04 | 71.72 0.07 | 87.91 0.02 | 77.64 0.03 | 83.76 0.14 | 84.18 ?",
@@ -147,7 +148,7 @@ TABLE_2 = _table(2, "Llama2-13B", "id",
 # Columns:          OBQA        | ARC-C       | ARC-E       | Chem.       | Phy.        | Math.
 TABLE_3 = _table(3, "Llama2-13B", "ood",
     "Performance on in-distribution (OBQA) and out-of-distribution datasets, Llama2-13B.",
-    BASELINE_ROWS, {
+    rows=BASELINE_ROWS, text={
     "acc": {
         "MAP":  "83.80 1.14 | 75.79 0.84 | 82.39 0.50 | 38.33 3.09 | 45.14 2.60 | ? ?",
         "MCD":  "83.81 0.31 | 72.45 0.05 | 81.02 0.04 | 39.01 0.25 | 37.49 0.27 | ? ?",
@@ -194,7 +195,7 @@ TABLE_3 = _table(3, "Llama2-13B", "ood",
 # Columns:               WG-S        | ARC-C       | ARC-E       | WG-M        | OBQA        | BoolQ
 TABLE_4 = _table(4, "Llama2-13B", "id",
     "Ablation on Llama2-13B: Me-LoRA with (Ours) and without the prior noise eps (w/o noise).",
-    ABLATION_ROWS, {
+    rows=ABLATION_ROWS, text={
     "acc": {
         "w/o noise": "69.83 0.08 | 70.89 0.05 | 87.01 0.05 | 74.08 0.15 | 83.83 0.11 | 82.66 0.19",
         "Ours":      "68.67 0.07 | 71.59 0.11 | 87.11 0.06 | 75.66 0.09 | 82.06 0.27 | 82.55 0.03",
@@ -213,7 +214,7 @@ _ARRAY = "unreadable: an empty '\\begin{array}' in the extracted text"
 # Columns:               OBQA        | ARC-C       | ARC-E       | Chem.       | Phy.        | Math.
 TABLE_5 = _table(5, "Llama2-13B", "ood",
     "Ablation on in-distribution (OBQA) and out-of-distribution datasets, Llama2-13B.",
-    ABLATION_ROWS, {
+    rows=ABLATION_ROWS, text={
     "acc": {
         "w/o noise": "? ? | ? ? | 83.57 0.15 | ? ? | 32.92 0.61 | 37.13 1.29",
         "Ours":      "? ? | ? ? | 82.95 0.06 | ? ? | 33.45 0.51 | 39.30 0.47",
@@ -240,7 +241,7 @@ TABLE_5 = _table(5, "Llama2-13B", "ood",
 TABLE_8 = _table(8, "Llama2-7B", "id",
     "Performance of different methods applied to LoRA on Llama2-7B pre-trained weights "
     "(six commonsense reasoning tasks, 5,000 training steps).",
-    BASELINE_ROWS, {
+    rows=BASELINE_ROWS, text={
     "acc": {
         "MAP":  "67.18 0.88 | 66.72 1.01 | 84.65 0.32 | 73.72 0.40 | 81.73 0.18 | 80.63 0.28",
         "MCD":  "65.89 0.03 | 64.31 0.06 | 84.81 0.04 | 73.58 0.03 | 79.82 0.09 | 81.77 0.11",
@@ -278,7 +279,7 @@ _T9_MATH_STD = {  # the Math cells of Table 9 whose std the extraction cut short
 # Columns:          OBQA        | ARC-C       | ARC-E       | Chem.       | Phy.        | Math.
 TABLE_9 = _table(9, "Llama2-7B", "ood",
     "Performance on in-distribution (OBQA) and out-of-distribution datasets, Llama2-7B.",
-    BASELINE_ROWS, {
+    rows=BASELINE_ROWS, text={
     "acc": {
         "MAP":  "81.73 0.19 | 66.52 0.56 | 76.96 0.04 | 39.58 2.55 | 26.00 1.63 | 36.46 0.85",
         "MCD":  "78.75 0.14 | 65.21 0.15 | 72.52 0.03 | 37.86 0.71 | 28.77 0.29 | 36.71 0.33",

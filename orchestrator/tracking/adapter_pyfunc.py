@@ -1,6 +1,6 @@
 """The MLflow pyfunc model of a trained adapter, as MLflow's "models from code" file.
 
-`orchestrator.mlflow_model.log_run_model` logs a training run's adapter with
+`orchestrator.tracking.model.log_run_model` logs a training run's adapter with
 `python_model=<this file>`: MLflow copies the file into the model and runs it when the model is
 loaded, so no object of ours is pickled. Loading needs this project installed (`melora`), and
 the base model where the run's config names it (a hub id, a folder, or 'demo'); it is never part
@@ -13,7 +13,7 @@ of the model.
 
 The model holds two artifacts, `adapter` (the run's `adapter/` folder: melora_adapter.safetensors
 and melora_config.json) and the model config (the pyfunc flavor's `model_config`, see
-`orchestrator.mlflow_model.model_config`): the task settings of the run (task, prompt style, max
+`orchestrator.tracking.model.model_config`): the task settings of the run (task, prompt style, max
 length, eval batch size, dtype, split policy, data folder), the base model, the fitted temperature
 (method ts) and the run's N. `mlflow.pyfunc.load_model(uri, model_config={"base_model": ...})`
 overrides one of them at load time, for example a base model folder that has moved.
@@ -62,7 +62,7 @@ class AdapterModel(PythonModel):
     def load_context(self, context) -> None:
         """The base model and the adapter of `context.artifacts['adapter']`, loaded with the
         run's task settings (`melora.predict.load_predictor`: every check before any forward)."""
-        from melora.predict import load_predictor
+        from melora.predict import load_predictor  # why here: torch and transformers, at load only
 
         config = dict(context.model_config or {})
         self.n_samples = int(config.get("n_samples", 10))

@@ -41,18 +41,26 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from melora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from orchestrator import tracking
 from orchestrator.config import RunConfig
 from orchestrator.errors import ModelError
+from orchestrator.redaction import redact_text, redact_uri
+from orchestrator.tracking import store
+from orchestrator.tracking.conventions import (
+    METHOD_TAG,
+    MODEL_ERROR_TAG,
+    RESOLVED_CONFIG,
+    SEED_TAG,
+    SWEEP_RUN_TAG,
+    TASK_TAG,
+)
+from orchestrator.tracking.conventions import SWEEP_METRIC_TAG as SWEEP_METRIC_TAG  # re-exported
+from orchestrator.tracking.conventions import SWEEP_TRIAL_TAG as SWEEP_TRIAL_TAG  # re-exported
+from orchestrator.tracking.conventions import SWEEP_VALUE_TAG as SWEEP_VALUE_TAG  # re-exported
+from orchestrator.tracking.log import METRICS_PER_BATCH, set_tags
+from orchestrator.tracking.query import download_artifact
 
 MODEL_CODE = Path(__file__).with_name("adapter_pyfunc.py")  # the model's code (models from code)
 MODEL_TYPE = "melora-adapter"  # the logged model's model_type
-MODEL_ERROR_TAG = "melora.model_error"  # on a FINISHED run whose model could not be logged
-# the registered model version's tags (register_best)
-SWEEP_RUN_TAG = "melora.sweep_run_id"
-SWEEP_METRIC_TAG = "melora.sweep_metric"
-SWEEP_VALUE_TAG = "melora.sweep_metric_value"
-SWEEP_TRIAL_TAG = "melora.sweep_trial"
 # what the model's code imports, pinned at the installed versions (the model's requirements.txt;
 # MLflow would otherwise infer them by loading the model, base model included, in a subprocess).
 # The project itself (melora) must be installed where the model loads: it is not on PyPI.
@@ -106,7 +114,7 @@ def unloggable_reason(run: RunConfig) -> str | None:
 # ----- logging a run's model --------------------------------------------------------------------
 def run_model_id(uri: str, run_id: str) -> str | None:
     """The id of the run's READY logged model (the latest one), or None."""
-    client = tracking._client(uri)
+    client = store.client(uri)
     outputs = client.get_run(run_id).outputs
     for output in reversed(outputs.model_outputs if outputs else []):
         if client.get_logged_model(output.model_id).status == LoggedModelStatus.READY:
@@ -123,7 +131,7 @@ def log_run_model(uri: str, run_id: str, run: RunConfig | None = None) -> str:
     a READY model already gets no second one (its id is returned). A model whose logging fails
     midway is marked FAILED in MLflow, and the error is raised. ModelError for ENS and LAP runs.
     """
-    client = tracking._client(uri)
+    client = store.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         run = run or _run_config(uri, run_id, Path(tmp))
         reason = unloggable_reason(run)
@@ -149,15 +157,17 @@ def log_run_model(uri: str, run_id: str, run: RunConfig | None = None) -> str:
                     for k, v in tracked.data.tags.items()
                     if k.startswith("mlflow.source.") or k == "mlflow.user"
                 },
-                "method": run.adapter.method,
-                "task": run.task.name,
-                "seed": str(run.seed),
-                "base_model": tracking.redact_text(run.model.name_or_path),
+                METHOD_TAG: run.adapter.method,
+                TASK_TAG: run.task.name,
+                SEED_TAG: str(run.seed),
+                "base_model": redact_text(run.model.name_or_path),
             },
             model_type=MODEL_TYPE,
         )
         try:
-            local = _save(Path(tmp) / "model", logged, run_id, adapter, run, temperature)
+            local = _save(
+                Path(tmp) / "model", logged, run_id, adapter, run, temperature=temperature
+            )
             client.log_model_artifacts(logged.model_id, str(local))
             step = run.optim.max_steps
             client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
@@ -185,10 +195,10 @@ def log_run_model_or_warn(uri: str, run_id: str, run: RunConfig) -> str | None:
     try:
         return log_run_model(uri, run_id, run)
     except Exception as err:
-        reason = tracking.redact_text(f"{type(err).__name__}: {err}")
+        reason = redact_text(f"{type(err).__name__}: {err}")
         hint = (
-            f'the run is kept; log its model later with: python -c "from orchestrator import '
-            f"mlflow_model; mlflow_model.log_run_model('<tracking URI>', '{run_id}')\""
+            f'the run is kept; log its model later with: python -c "from orchestrator.tracking '
+            f"import model; model.log_run_model('<tracking URI>', '{run_id}')\""
         )
         print(
             f"[tracking] warning: MLflow run {run_id}: its adapter could not be logged as an "
@@ -196,7 +206,7 @@ def log_run_model_or_warn(uri: str, run_id: str, run: RunConfig) -> str | None:
             flush=True,
         )
         try:
-            tracking.set_tags(uri, run_id, {MODEL_ERROR_TAG: f"{reason}; {hint}"})
+            set_tags(uri, run_id, {MODEL_ERROR_TAG: f"{reason}; {hint}"})
         except Exception:  # MLflow itself may be what failed: the warning above says it all
             pass
         return None
@@ -211,7 +221,7 @@ def link_final_metrics(
     point (the run's final evaluation); val/*: the point at the selected step (`best_step`; the
     last point without one). Each test / OOD / validation metric with its dataset input (name and
     digest). Returns how many were linked."""
-    client = tracking._client(uri)
+    client = store.client(uri)
     digests = _dataset_digests(uri, run_id)
     best_step = int(metrics["best_step"]) if "best_step" in metrics else None
     points = []
@@ -245,8 +255,8 @@ def link_final_metrics(
                 dataset_digest=digests.get(named) if named else None,
             )
         )
-    for i in range(0, len(points), tracking.METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=points[i : i + tracking.METRICS_PER_BATCH])
+    for i in range(0, len(points), METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=points[i : i + METRICS_PER_BATCH])
     return len(points)
 
 
@@ -256,12 +266,13 @@ def _save(
     run_id: str,
     adapter: Path,
     run: RunConfig,
+    *,
     temperature: float | None,
 ) -> Path:
     """The model folder (MLmodel, the code file, the adapter artifact, requirements)."""
-    import mlflow.pyfunc
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec
+    import mlflow.pyfunc  # loads MLflow's model flavors: only where a model is saved
+    from mlflow.models import Model, ModelSignature  # with mlflow.pyfunc
+    from mlflow.types import ParamSchema, ParamSpec  # with mlflow.pyfunc
 
     config = model_config(run, temperature)
     signature = ModelSignature(
@@ -313,7 +324,7 @@ def register_best(
     A version with the same `SWEEP_RUN_TAG` and model already there (a resumed sweep ending
     again) is returned instead of a second one: one version per sweep run.
     """
-    client = tracking._client(uri)
+    client = store.client(uri)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -332,7 +343,7 @@ def register_best(
             name,
             source=source,
             run_id=run_id,
-            tags={k: tracking.redact_text(str(v)) for k, v in tags.items()},
+            tags={k: redact_text(str(v)) for k, v in tags.items()},
             model_id=model_id,
         )
     # the logged model's list of its versions (the UI's "Registered models" of a logged model),
@@ -348,8 +359,8 @@ def download_model(uri: str, model_uri: str, dst: str | Path) -> tuple[Path, dic
     """(local folder, model_config) of an MLflow model: `models:/<model id>`,
     `models:/<name>/<version>` or `models:/<name>@<alias>` at the tracking (and registry) URI
     `uri`. ModelError when it cannot be found or is not one of this project's adapter models."""
-    import mlflow.artifacts
-    from mlflow.models import Model
+    import mlflow.artifacts  # with mlflow.models: only where a model is downloaded
+    from mlflow.models import Model  # loads MLflow's model flavors: only where one is read
 
     if not model_uri.startswith("models:/"):
         raise ModelError(
@@ -365,8 +376,7 @@ def download_model(uri: str, model_uri: str, dst: str | Path) -> tuple[Path, dic
             )
     except MlflowException as err:
         raise ModelError(
-            f"MLflow model {model_uri} not found at {tracking.redact_uri(uri)}: "
-            f"{tracking.redact_text(err.message)}"
+            f"MLflow model {model_uri} not found at {redact_uri(uri)}: {redact_text(err.message)}"
         ) from None
     flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
     config = flavor.get("config")  # mlflow.pyfunc's key of the model_config in MLmodel
@@ -382,7 +392,7 @@ def load_model(local: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """`mlflow.pyfunc.load_model` of a downloaded adapter model, with `overrides` of its
     model_config (e.g. {"base_model": folder}); the `melora` errors of loading (a base model that
     cannot be found, an answer that is not one token) come through unchanged."""
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # loads MLflow's model flavors: only where a model is loaded
 
     return mlflow.pyfunc.load_model(str(local), model_config=dict(overrides or {}))
 
@@ -402,6 +412,7 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
     source is a logged model (sqlalchemy registry store, "TODO: Propagate tracking URI") and
     downloading `models:/<model id>`. `_use_tracking_uri` is the context manager MLflow uses itself.
     """
+    # MLflow-private, so imported here alone
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     with _use_tracking_uri(uri):
@@ -409,7 +420,7 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
 
 
 def _run_config(uri: str, run_id: str, dst: Path) -> RunConfig:
-    path = tracking.download_artifact(uri, run_id, "config/resolved.yaml", dst)
+    path = download_artifact(uri, run_id, RESOLVED_CONFIG, dst)
     if path is None:
         raise ModelError(
             f"MLflow run {run_id} has no config/resolved.yaml artifact: was it made by fit_run?"
@@ -420,7 +431,7 @@ def _run_config(uri: str, run_id: str, dst: Path) -> RunConfig:
 def _download_adapter(uri: str, run_id: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if tracking.download_artifact(uri, run_id, f"adapter/{name}", folder) is None:
+        if download_artifact(uri, run_id, f"adapter/{name}", folder) is None:
             raise ModelError(
                 f"MLflow run {run_id} has no adapter/{name} artifact: is it a training run "
                 "whose workers finished?"
@@ -430,7 +441,7 @@ def _download_adapter(uri: str, run_id: str, folder: Path) -> Path:
 
 def _dataset_digests(uri: str, run_id: str) -> dict[str, str]:
     """{dataset name: digest} of the run's dataset inputs."""
-    inputs = tracking._client(uri).get_run(run_id).inputs
+    inputs = store.client(uri).get_run(run_id).inputs
     return {d.dataset.name: d.dataset.digest for d in (inputs.dataset_inputs if inputs else [])}
 
 

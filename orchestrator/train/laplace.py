@@ -2,7 +2,7 @@
 
     final, predictions = evaluate_final_laplace(engine.module, data, run)   # in the worker
 
-It replaces `worker.evaluate_final` for `adapter.method: lap` and gives the same keys
+It replaces `dist_eval.evaluate_final` for `adapter.method: lap` and gives the same keys
 (`test/<task>/<metric>_n<N>`, `ood/<task>/<metric>_n<N>` with `auroc`) plus `lap/*`:
 N = 0 is the MAP prediction, N >= 1 the linearised (GLM) predictive with N logit samples
 (`melora.baselines.laplace`).
@@ -11,30 +11,33 @@ Across Ray Train workers: laplace-torch fits in one process, so every rank fits 
 on the whole training set (the curvature is a sum over it; the fit is a small part of the
 cost). The prior-precision gridsearch and the predictions, where the Jacobians cost most, are
 sharded over the ranks: the validation NLL per grid value is summed over ranks, and the
-predictions are gathered like `worker.sharded_predict`'s. Rank 0's prior precision is broadcast,
+predictions are sharded and gathered as `dist_eval.sharded_predictive`'s are. Rank 0's prior precision is broadcast,
 so every rank predicts with the same posterior. ZeRO-3 is refused by config validation (the
 weights must be whole); `jobs/evaluate.py --laplace <run>` is the way there.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from melora.baselines.laplace import LaplaceLoRA
 from melora.evaluation import metrics_of, uncertainty_metrics_of
+from melora.keys import predictions_key
 from melora.tasks import make_loader
 from orchestrator.config import RunConfig
 from orchestrator.train import collectives
+from orchestrator.train.data import TaskData
+from orchestrator.train.dist_eval import gather_in_order, shard_loader
 
 LAP_SEED_OFFSET = 2 * 10**9  # MC draws of the Laplace predictive: their own stream per (seed, rank)
 
 
-def evaluate_final_laplace(module, data, run: RunConfig) -> tuple[dict[str, float], dict[str, Any]]:
+def evaluate_final_laplace(
+    module, data: TaskData, run: RunConfig
+) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, predictions) of LAP around `module`'s current (best) adapter; see the module doc.
 
     `data` is the worker's `TaskData` (its `train`, `validation`, `test`, `ood` sets, `tokenizer`,
@@ -51,14 +54,18 @@ def evaluate_final_laplace(module, data, run: RunConfig) -> tuple[dict[str, floa
         lap.fit(fit_loader)
         val_loader = None
         if cfg.prior_tuning == "gridsearch":
-            _, val_loader = _shard(data, data.validation, cfg.predict_batch_size)
+            _, val_loader = shard_loader(data, data.validation, cfg.predict_batch_size)
         lap.tune_prior_precision(val_loader, all_reduce=sum_over_ranks(world), generator=generator)
         if world > 1:  # the same posterior on every rank, whatever rounding made of the fit
             lap.prior_precision = collectives.broadcast(lap.prior_precision.cpu(), src=0)
         t0 = time.perf_counter()
         n_samples = run.eval.n_samples
-        test = _sharded_sets(lap, data, {t.name: data.test}, n_samples, "test", generator)
-        ood = _sharded_sets(lap, data, data.ood, n_samples, "ood", generator)
+        test = _sharded_sets(
+            lap, data, {t.name: data.test}, n_samples=n_samples, prefix="test", generator=generator
+        )
+        ood = _sharded_sets(
+            lap, data, data.ood, n_samples=n_samples, prefix="ood", generator=generator
+        )
         predict_seconds = time.perf_counter() - t0
         prior = lap.prior_precision
         memory = lap.memory_bytes()
@@ -78,37 +85,17 @@ def evaluate_final_laplace(module, data, run: RunConfig) -> tuple[dict[str, floa
     return final, {**test, **ood}
 
 
-def _shard(data, dataset, batch_size: int):
-    """This rank's slice of `dataset` (padded by wrapping, so every rank runs as many batches)."""
-    n = len(dataset)
-    per_rank = math.ceil(n / (data.world * batch_size)) * batch_size
-    indices = [(data.rank * per_rank + i) % n for i in range(per_rank)]
-    loader = make_loader(
-        dataset.select(indices), data.tokenizer, batch_size, max_length=data.run.task.max_length
-    )
-    return indices, loader
-
-
-def _sharded_sets(lap: LaplaceLoRA, data, sets, n_samples, prefix: str, generator):
+def _sharded_sets(lap: LaplaceLoRA, data: TaskData, sets, *, n_samples, prefix: str, generator):
     """`{"<prefix>/<task>/n<N>": (probs, labels)}` over all ranks, rows in dataset order."""
     out = {}
     for name, dataset in sets.items():
-        indices, loader = _shard(data, dataset, lap.config.predict_batch_size)
+        indices, loader = shard_loader(data, dataset, lap.config.predict_batch_size)
         local = lap.predict(loader, n_samples, generator)
-        payload = (indices, {n: p for n, (p, _) in local.items()}, local[n_samples[0]][1])
-        gathered: list[Any] = [None] * data.world
-        if data.world > 1:
-            dist.all_gather_object(gathered, payload)
-        else:
-            gathered = [payload]
-        rows: dict[int, tuple[dict[int, torch.Tensor], torch.Tensor]] = {}
-        for idx, probs, labels in gathered:
-            for j, i in enumerate(idx):
-                rows.setdefault(i, ({n: p[j] for n, p in probs.items()}, labels[j]))
-        order = sorted(rows)
-        labels = torch.stack([rows[i][1] for i in order])
-        for n in n_samples:
-            out[f"{prefix}/{name}/n{n}"] = (torch.stack([rows[i][0][n] for i in order]), labels)
+        labels, *probs = gather_in_order(
+            indices, [local[n_samples[0]][1], *(local[n][0] for n in n_samples)], data.world
+        )
+        for n, p in zip(n_samples, probs, strict=True):
+            out[predictions_key(prefix, name, n)] = (p, labels)
     return out
 
 

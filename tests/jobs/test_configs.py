@@ -15,8 +15,11 @@ import pytest
 
 from melora.errors import ConfigError
 from orchestrator.config import RunConfig, load_experiment
-from orchestrator.sweep.schema import SweepError, SweepPlan, draw_space, plan_sweep
-from orchestrator.sweep.tune import SweepOutcome, TrialOutcome, results_table, run_sweep
+from orchestrator.errors import SweepError
+from orchestrator.sweep.grid import draw_space
+from orchestrator.sweep.outcome import SweepOutcome, TrialOutcome, results_table
+from orchestrator.sweep.plan import SweepPlan, plan_sweep
+from orchestrator.sweep.tune import run_sweep
 from orchestrator.tracking.conventions import ENS_MEMBER, ENSEMBLE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -430,9 +433,9 @@ def test_ens_trials_reuse_planned_lora_trials_and_plan_the_missing_members() -> 
     assert ens2.members == tuple(f"demo-ens-member-seed{s}" for s in (4, 5, 6))
     assert sum(t.role == ENS_MEMBER for t in q.trials) == 5 and len(q.trials) == 8
     # the Tune grid holds the trained trials only; the ENS trials are evaluated after them
-    from orchestrator.sweep.tune import _plan_data
+    from orchestrator.sweep.trial import trainable_data
 
-    assert set(_plan_data(q, "parent")["trials"]) == {t.name for t in q.trials if t.tuned}
+    assert set(trainable_data(q, "parent")["trials"]) == {t.name for t in q.trials if t.tuned}
 
 
 def test_an_ens_seed_below_1_fails_naming_the_trial() -> None:

@@ -378,9 +378,9 @@ def test_every_writer_leaves_no_planted_secret(dirs, monkeypatch: pytest.MonkeyP
     its parent run's params and artifacts, a training run's tags, params, config and marker file."""
     from orchestrator import tracking
     from orchestrator.config import load_experiment
-    from orchestrator.sweep import tune as sweep
-    from orchestrator.sweep.schema import plan_sweep
-    from orchestrator.train import trainer
+    from orchestrator.sweep import state as sweep_state
+    from orchestrator.sweep.plan import plan_sweep
+    from orchestrator.train import run_marker, trainer
 
     storage, logged = dirs.inputs / "storage", dirs.inputs / "mlflow"
     logged.mkdir()
@@ -388,26 +388,28 @@ def test_every_writer_leaves_no_planted_secret(dirs, monkeypatch: pytest.MonkeyP
     plan = plan_sweep(base, section)
     assert plan.tracking_uri == SECRET_URI  # the real URI is kept for connecting
     client = FileClient(logged)
-    monkeypatch.setattr(tracking, "_client", lambda uri: client)
-    monkeypatch.setattr(tracking, "check_reachable", lambda uri, timeout=5.0: None)
-    monkeypatch.setattr(
-        tracking, "ensure_experiment", lambda uri, name, artifact_location=None: "0"
-    )
+    monkeypatch.setattr(tracking.store, "client", lambda uri: client)
+    for where in (tracking, tracking.store):  # the facade's name and the one tracking.runs calls
+        monkeypatch.setattr(where, "check_reachable", lambda uri, timeout=5.0: None)
+    for where in (tracking, tracking.runs):
+        monkeypatch.setattr(
+            where, "ensure_experiment", lambda uri, name, artifact_location=None: "0"
+        )
 
     written = dirs.inputs / "written"
     written.mkdir()
     for i, run in enumerate([plan.base, *plan.runs()]):
         (written / f"{i}.yaml").write_text(run.to_yaml())
         (written / f"{i}.json").write_text(json.dumps(run.flat_params()))
-    sweep._write_state(plan, "parent0")
-    sweep._log_plan(plan, "parent0")
+    sweep_state.write_state(plan, "parent0")
+    sweep_state.log_plan(plan, "parent0")
     tracking.set_tags(SECRET_URI, "parent0", {**SECRET_TAGS, "note": SECRET_URI})
     trial = plan.trials[0].run
     assert trainer.prepare_tracking(trial, parent_run_id="parent0", sweep=plan.name)[1] == "run0"
 
     files = [p for p in dirs.inputs.rglob("*") if p.is_file() and p.name != "secrets.yaml"]
     names = {p.name for p in files}
-    assert trainer._marker_path(trial).is_file()  # the training run's marker, under storage
+    assert run_marker.marker_path(trial).is_file()  # the training run's marker, under storage
     assert any(n.endswith("config_resolved.yaml") for n in names)
     assert any(n.endswith("sweep_base.yaml") for n in names)
     assert any(n.endswith("sweep_trials.json") for n in names)

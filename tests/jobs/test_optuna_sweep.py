@@ -13,7 +13,7 @@ from pathlib import Path
 
 from orchestrator import tracking
 from orchestrator.config import load_experiment
-from orchestrator.sweep.schema import plan_sweep
+from orchestrator.sweep.plan import plan_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {
@@ -64,17 +64,17 @@ def test_optuna_concentrates_near_the_optimum_of_the_reported_metric(
     }
     plan = plan_sweep(base, section, name="opt")
 
-    def scored_trial(config, plan):  # a closure: Ray ships it by value to the trial's process
+    def scored_trial(config, sweep_data):  # a closure: Ray ships it by value to the trial's process
         import math
 
         from ray import tune
 
         from orchestrator import tracking
-        from orchestrator.sweep.tune import _trial_run
+        from orchestrator.sweep.trial import trial_run
         from orchestrator.train.trainer import prepare_tracking
 
-        run = _trial_run(config, plan)  # what train_trial would train: the base with the draw
-        uri, run_id = prepare_tracking(run, plan["parent_run_id"], plan["sweep"])
+        run = trial_run(config, sweep_data)  # what train_trial would train: the base with the draw
+        uri, run_id = prepare_tracking(run, sweep_data["parent_run_id"], sweep_data["sweep"])
         nll = (math.log(run.adapter.sigma_p) - math.log(0.2)) ** 2 + 0.2 * run.adapter.r
         tracking.log_metrics(uri, run_id, {"val/nll": nll}, step=1)
         tracking.set_terminated(uri, run_id, "FINISHED")

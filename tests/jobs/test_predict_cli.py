@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import melora
-from melora.predict import abstention_threshold
+from melora.abstention import abstention_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -152,7 +152,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
                     folder.mkdir(parents=True)
                     shutil.copy(png, folder / f"test_{task}_n{n_report}.png")
                     client.log_artifacts(run_id, str(folder), "reliability")
-    helper_ids = [  # what orchestrator.ensemble trains for ENS seed 2: not in the MAP row
+    helper_ids = [  # what orchestrator.posthoc.ensemble trains for ENS seed 2: not in the MAP row
         _trial(
             client, eid, parent, "t2", f"lora-winogrande_s-seed{seed}", "lora", "winogrande_s",
             seed, {"optim.weight_decay": "1e-05", "model.name_or_path": LLAMA},

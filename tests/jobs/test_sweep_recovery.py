@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from orchestrator.config import load_experiment
 from orchestrator.errors import SweepError
-from orchestrator.sweep.schema import plan_sweep
+from orchestrator.sweep.plan import plan_sweep
 
 
 def plan_of(tiny_sweep, name: str, grid: dict, overrides: list[str] | None = None):
@@ -59,19 +59,20 @@ def test_resume_retry_failed_finishes_the_failed_trial_in_its_own_run(
     parent ends FAILED naming it. 3: --resume --retry-failed, switch on: seed 2 runs again in its
     own MLflow run (FAILED, then FINISHED), seed 1 is not run again, the parent ends FINISHED."""
     from orchestrator.sweep import tune as sweep
+    from orchestrator.sweep.state import read_state
 
     switch, attempts = tmp_path / "fixed", tmp_path / "attempts.txt"
     plan = plan_of(tiny_sweep, "retry", {"seed": [1, 2]})
 
-    def flaky_trial(config, plan):  # a closure: Ray ships it by value to the trial's process
+    def flaky_trial(config, sweep_data):  # a closure: Ray ships it by value to the trial's process
         from ray import tune
 
         from orchestrator import tracking
-        from orchestrator.sweep.tune import _trial_run
+        from orchestrator.sweep.trial import trial_run
         from orchestrator.train.trainer import prepare_tracking
 
-        run = _trial_run(config, plan)
-        uri, run_id = prepare_tracking(run, plan["parent_run_id"], plan["sweep"])
+        run = trial_run(config, sweep_data)
+        uri, run_id = prepare_tracking(run, sweep_data["parent_run_id"], sweep_data["sweep"])
         with open(attempts, "a") as f:
             f.write(f"{run.run_name} {run_id}\n")
         if run.seed == 2 and not switch.exists():
@@ -90,7 +91,7 @@ def test_resume_retry_failed_finishes_the_failed_trial_in_its_own_run(
     with pytest.raises(RuntimeError, match="MLflow went away"):
         sweep.run_sweep(plan, trainable=flaky_trial, evaluate_ensembles=False)
     monkeypatch.undo()
-    parent = sweep._read_state(plan)["parent_run_id"]
+    parent = read_state(plan)["parent_run_id"]
     first = client.get_run(parent)
     assert first.info.status == "FAILED"
     assert "RuntimeError: MLflow went away" in first.data.tags["failure_reason"]

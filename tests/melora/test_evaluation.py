@@ -15,7 +15,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import melora
-from melora import evaluation, metrics, plots
+from melora import evaluation, metrics, plots, predictive
 from melora.errors import MeLoraError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -490,3 +490,27 @@ def test_accuracy_coverage_plot_writes_a_png(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["test_demo.png"]
     with pytest.raises(ValueError, match="at least one"):
         plots.accuracy_coverage_plot({}, tmp_path / "empty.png")
+
+
+def test_the_predictive_names_stay_importable_from_evaluation() -> None:
+    """melora.predictive owns the predictive; its callers' `from melora.evaluation import ...`
+    lines keep working."""
+    for name in ("Batch", "Predictive", "class_logits", "predict", "predict_ensemble"):
+        assert getattr(evaluation, name) is getattr(predictive, name)
+    assert evaluation.predict_with_entropy is predictive.predict_with_entropy
+
+
+def test_id_task_predictions_are_looked_up_by_their_key() -> None:
+    """The OOD AUROC compares with the in-distribution entry `test/<id_task>/n<N>` of the same N,
+    and names what is available when there is none."""
+    id_set = {
+        "test/demo/n0": (torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 1])),
+        "test/demo/n3": (torch.tensor([[0.5, 0.5], [0.5, 0.5]]), torch.tensor([0, 1])),
+    }
+    ood = {"ood/o/n0": (torch.tensor([[0.6, 0.4], [0.5, 0.5]]), torch.tensor([0, 0]))}
+    got = evaluation.metrics_of(ood, id_predictions=id_set, id_task="demo")
+    expected = metrics.ood_auroc(id_set["test/demo/n0"][0], ood["ood/o/n0"][0])
+    assert got["ood/o/auroc_n0"] == pytest.approx(expected, abs=1e-12)
+    assert {k.rsplit("_", 1)[1] for k in got} == {"n0"}
+    with pytest.raises(MeLoraError, match=r"task 'other' at n0: available are \['test/demo/n0'"):
+        evaluation.metrics_of(ood, id_predictions=id_set, id_task="other")

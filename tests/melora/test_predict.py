@@ -14,9 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import melora
+from melora import abstention, base_model, user_prompts
+from melora import predict as predict_module
+from melora.abstention import Abstention, abstention_threshold
 from melora.errors import ConfigError
-from melora.predict import Abstention, abstention_threshold, load_predictor, read_prompts
+from melora.predict import load_predictor
 from melora.tasks import TaskError, answer_token_ids, get_task
+from melora.user_prompts import read_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -274,3 +278,22 @@ def test_load_predictor_refuses_before_any_forward(melora_dir: Path, tmp_path: P
         load_predictor(tmp_path, task=TASK)
     with pytest.raises(ConfigError, match="temperature"):
         load_predictor(melora_dir, task=TASK, temperature=2.0)
+
+
+def test_the_predict_names_stay_importable_where_callers_import_them() -> None:
+    """The split of melora.predict moved no public name out of reach: `melora`'s lazy exports
+    and `melora.predict` give the objects of the modules that own them."""
+    owners = {
+        "Abstention": abstention,
+        "abstention_threshold": abstention,
+        "load_base_model": base_model,
+        "read_prompts": user_prompts,
+        "load_predictor": predict_module,
+        "Predictor": predict_module,
+        "Answer": predict_module,
+    }
+    for name, owner in owners.items():
+        assert getattr(melora, name) is getattr(owner, name)
+        assert getattr(predict_module, name) is getattr(owner, name)
+    assert predict_module.recorded_base_model is base_model.recorded_base_model
+    assert predict_module.normalise_prompt is user_prompts.normalise_prompt

@@ -49,7 +49,7 @@ def demo_config(tmp_path: Path, **overrides) -> RunConfig:
 def demo_model(config: melora.AdapterConfig) -> torch.nn.Module:
     torch.manual_seed(
         0
-    )  # the demo's "pretrained" base, as orchestrator.worker.build_model makes it
+    )  # the demo's "pretrained" base, as orchestrator.train.model.build_model makes it
     model = LlamaForCausalLM(demo_model_config(TOKENIZER)).eval()
     return melora.attach(model, config)
 
@@ -116,7 +116,7 @@ def test_config_refuses_what_the_baselines_cannot_run(tmp_path: Path) -> None:
 
 def worker_data(run: RunConfig, **subsets):
     """The worker's `TaskData` for one process (rank 0 of 1), optionally with smaller sets."""
-    from orchestrator.train.worker import TaskData
+    from orchestrator.train.data import TaskData
 
     data = TaskData(run, TOKENIZER, rank=0, world=1)
     for name, n in subsets.items():
@@ -130,7 +130,7 @@ def worker_data(run: RunConfig, **subsets):
 def test_worker_evaluation_keeps_dropout_on_for_mcd_only(tmp_path: Path) -> None:
     """The same adapter weights with dropout 0.1: MCD's N = 10 rows average dropout masks,
     LoRA's N = 10 rows are its N = 0 rows (dropout is a training regulariser there)."""
-    from orchestrator.train.worker import evaluate_final
+    from orchestrator.train.dist_eval import evaluate_final
 
     results = {}
     for method in ("mcd", "lora"):
@@ -157,7 +157,7 @@ def test_ts_evaluation_is_the_map_with_the_temperature_fitted_on_validation(tmp_
     against a grid search of the validation NLL) and scales every set with it; the accuracy is
     the MAP's, the validation NLL at T is no worse than at T = 1."""
     from melora.baselines.temperature import apply_temperature
-    from orchestrator.train.worker import evaluate_final
+    from orchestrator.train.dist_eval import evaluate_final
 
     overrides = {"task.name": "demo_small", "task.ood_tasks": ["demo_shift"]}
     runs = {m: demo_config(tmp_path, **{"adapter.method": m, **overrides}) for m in ("lora", "ts")}
@@ -387,9 +387,9 @@ def test_lap_trial_on_two_ray_workers_equals_one_process(tmp_path: Path) -> None
     the OOD sets go through the same sharded prediction as the test set."""
     import ray
 
+    from orchestrator.train.data import TaskData
     from orchestrator.train.laplace import evaluate_final_laplace
     from orchestrator.train.trainer import fit_run, init_ray
-    from orchestrator.train.worker import TaskData
 
     run = demo_config(
         tmp_path,

@@ -1,4 +1,4 @@
-"""The paper's Tables 2, 3, 4, 5, 8, 9 as transcribed in orchestrator/paper_tables.py, checked
+"""The paper's Tables 2, 3, 4, 5, 8, 9 as transcribed in orchestrator/report/paper_tables.py, checked
 for shape and range and, cell by cell, against the extracted paper text they were read from."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.report.build import _ranks, method_row
 from orchestrator.report.paper_tables import (
     ABLATION_ROWS,
     BASELINE_ROWS,
@@ -101,25 +100,6 @@ def test_transcription_follows_the_paper_text(number: int, shared_dir: Path) -> 
         assert fragment in region, f"Table {number} {key}: {fragment!r} is not in the text"
 
 
-def test_method_rows() -> None:
-    assert method_row("lora", {"optim.weight_decay": "1e-05"}) == "MAP"
-    assert method_row("lora", {"optim.weight_decay": "0.0"}) == "LoRA"
-    assert method_row("melora", {"adapter.prior_noise": "True"}) == "Me-LoRA"
-    assert method_row("melora", {"adapter.prior_noise": "False"}) == "Me-LoRA w/o noise"
-    assert [method_row(m, {}) for m in ("blob", "mcd", "ens", "lap")] == [
-        "BLoB",
-        "MCD",
-        "ENS",
-        "LAP",
-    ]
-
-
-def test_ranks_share_marks_on_ties_and_follow_the_direction() -> None:
-    assert _ranks([0.5, None, 0.4, 0.5, 0.3], higher=True) == ["best", "", "second", "best", ""]
-    assert _ranks([0.5, 0.4, 0.3], higher=False) == ["", "second", "best"]
-    assert _ranks([None, 1.0], higher=False) == ["", "best"]
-
-
 def test_table6_times_follow_the_paper_text(shared_dir: Path) -> None:
     """Each Table 6 time row equals the six integers of its line in the extracted text."""
     from orchestrator.report.paper_tables import TABLE6_SECONDS
@@ -152,7 +132,7 @@ def test_gpu_hours_of_table3_by_hand() -> None:
     gpu_hours = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_hours)
     from orchestrator.config import load_experiment
-    from orchestrator.sweep.schema import plan_sweep
+    from orchestrator.sweep.plan import plan_sweep
 
     path = Path(__file__).resolve().parents[3] / "jobs" / "configs" / "table3_ood_13b.yaml"
     base, section = load_experiment(path)

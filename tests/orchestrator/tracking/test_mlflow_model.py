@@ -1,4 +1,4 @@
-"""orchestrator.mlflow_model without training: a run made by hand in a real sqlite store (the demo
+"""orchestrator.tracking.model without training: a run made by hand in a real sqlite store (the demo
 config's params and dataset inputs, final metrics, an untrained demo adapter as its `adapter/`
 artifact), logged as an MLflow pyfunc model, loaded back with `mlflow.pyfunc.load_model`, and
 registered; a model that cannot be logged leaves a warning tag, not an error. The end-to-end

@@ -22,7 +22,7 @@ from mlflow.entities import SourceType
 from orchestrator import tracking
 from orchestrator.config import RunConfig, TrackingConfig, load_config, load_experiment
 from orchestrator.errors import TrackingError
-from orchestrator.sweep.schema import plan_sweep
+from orchestrator.sweep.plan import plan_sweep
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -484,7 +484,7 @@ def test_dataset_inputs_survive_a_concurrent_insert(
     split = tracking.SplitInput(
         "demo_ood/test", "ood", _rows(4), "test", generator="melora.tasks.demo.out_of_distribution"
     )
-    client = tracking._client(uri)
+    client = tracking.store.client(uri)
     real, calls = client.log_inputs, []
 
     def racing(run_id, datasets=None, models=None):

@@ -10,8 +10,6 @@ M). The layers form C in float32; here the C that each forward really uses is re
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,17 +17,15 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests._dist import free_port, join_gloo_group
+
 pytestmark = pytest.mark.slow
 R, FORWARDS = 8, 60
 
 
 def _child(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    join_gloo_group(0, port, 1)
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -37,7 +33,7 @@ def _child(rank: int, port: int, out_dir: str) -> None:
     import melora
     from orchestrator.config import RunConfig
     from orchestrator.train.deepspeed_config import deepspeed_config
-    from orchestrator.train.worker import Objective, lr_lambda
+    from orchestrator.train.objective import Objective, lr_lambda
 
     report: dict = {}
     drawn: list[torch.Tensor] = []
@@ -135,9 +131,7 @@ def _child(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_bf16_keeps_the_posterior_noise(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_child, args=(port, str(tmp_path)), nprocs=1, join=True)
     report = json.loads((tmp_path / "report.json").read_text())
     for stage, got in report.items():

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import socket
 import traceback
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from orchestrator.train import collectives
+from tests._dist import free_port, join_gloo_group
 
 REPO = Path(__file__).resolve().parents[3]
 WORLD = 2
@@ -55,7 +55,9 @@ def test_no_collective_bypasses_the_helper() -> None:
         for i, line in enumerate(path.read_text().splitlines(), 1)
         if direct.search(line)
     ]
-    assert not offenders, f"call orchestrator.collectives instead of torch.distributed: {offenders}"
+    assert not offenders, (
+        f"call orchestrator.train.collectives instead of torch.distributed: {offenders}"
+    )
 
 
 # ----- a pretend GPU --------------------------------------------------------------------------
@@ -115,10 +117,9 @@ def _checked(name: str, real, violations: list[str]):
 
 
 def _child(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo_group(rank, port, WORLD)
     from orchestrator.train.laplace import sum_over_ranks
-    from orchestrator.train.worker import all_finite
+    from orchestrator.train.objective import all_finite
 
     violations: list[str] = []
     real_backend = dist.get_backend
@@ -145,9 +146,7 @@ def _child(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_every_collective_gets_the_backends_device(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_child, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

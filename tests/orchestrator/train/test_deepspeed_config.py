@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import pytest
 from melora import ConfigError
 from orchestrator.config import RunConfig
 from orchestrator.train.deepspeed_config import deepspeed_config
+from tests._dist import free_port
 
 # (zero_stage, on_gpu): stage 0 on a GPU runs in fp32 (bf16 at stage 0 is refused by the config)
 CASES = [(0, False), (2, False), (3, False), (0, True), (2, True), (3, True)]
@@ -116,15 +116,13 @@ def test_why_zero0_bf16_is_refused(tmp_path: Path) -> None:
     """DeepSpeed's stage-0 bf16 wrapper steps AdamW once at start-up, with zero gradients; ZeRO-2 does not.
 
     This is why the config refuses zero_stage 0 with bf16. When this test fails, DeepSpeed has fixed
-    it: drop that refusal in orchestrator/config.py. One process (world size 1, gloo); the first
+    it: drop that refusal in orchestrator/config/run.py (`check_combinations`). One process (world size 1, gloo); the first
     DeepSpeed start on a CPU compiles a comm op (about 100 s on 2 cores), cached in the usual
     torch extensions folder that every DeepSpeed test shares.
     """
     script = tmp_path / "probe.py"
     script.write_text(_INIT_STEP_PROBE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",

@@ -5,7 +5,6 @@ ZeRO stage and KL optimiser, over several steps with posterior sampling and drop
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import melora
 from melora.evaluation import class_logits
 from melora.objective import draw_prior_eps, kl_weight
+from tests._dist import free_port, join_gloo_group
 
 pytestmark = pytest.mark.slow
 
@@ -87,19 +87,12 @@ def shard(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
 
 
 def _deepspeed_child(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-    )
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo_group(rank, port, WORLD)
     import deepspeed
 
+    from orchestrator.train.checkpoint import gathered_adapter_state
     from orchestrator.train.deepspeed_config import deepspeed_config
-    from orchestrator.train.worker import Objective, gathered_adapter_state, lr_lambda
+    from orchestrator.train.objective import Objective, lr_lambda
 
     for stage, kl_optimizer in COMBINATIONS:
         run = run_config(stage, kl_optimizer)
@@ -129,7 +122,7 @@ def _deepspeed_child(rank: int, port: int, out_dir: str) -> None:
 
 def plain_pytorch(stage: int, kl_optimizer: str) -> dict[str, torch.Tensor]:
     """The same training written as a plain single-process loop over the global batch."""
-    from orchestrator.train.worker import lr_lambda, reseed, step_generator
+    from orchestrator.train.objective import lr_lambda, reseed, step_generator
 
     run = run_config(stage, kl_optimizer)
     model = tiny_model()
@@ -167,10 +160,7 @@ def plain_pytorch(stage: int, kl_optimizer: str) -> dict[str, torch.Tensor]:
 
 
 def test_deepspeed_matches_plain_pytorch(tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_deepspeed_child, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_deepspeed_child, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     run = run_config(0, "joint")
     model = tiny_model()
     torch.manual_seed(run.seed)

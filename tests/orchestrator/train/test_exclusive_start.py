@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from melora.errors import MeLoraError
 from orchestrator import tracking
 from orchestrator.config import load_config, load_experiment
-from orchestrator.sweep.schema import plan_sweep
+from orchestrator.sweep.plan import plan_sweep
 from orchestrator.sweep.tune import run_sweep
-from orchestrator.train import trainer
+from orchestrator.train import run_marker, trainer
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "jobs" / "configs" / "demo.yaml"
@@ -34,7 +34,7 @@ from pathlib import Path
 from orchestrator.train import trainer
 from orchestrator.config import load_experiment
 from orchestrator.sweep.tune import run_sweep
-from orchestrator.sweep.schema import plan_sweep
+from orchestrator.sweep.plan import plan_sweep
 
 overrides, section, ready = sys.argv[1].split(";"), json.loads(sys.argv[2]), Path(sys.argv[3])
 
@@ -156,7 +156,8 @@ def test_a_start_killed_between_creating_its_run_and_recording_it_is_adopted(
             raise Killed
         return run_id
 
-    monkeypatch.setattr(tracking, "start_or_resume_run", create_then_die)
+    for where in (tracking, tracking.runs):  # the facade's name and the one create_run_once calls
+        monkeypatch.setattr(where, "start_or_resume_run", create_then_die)
     with pytest.raises(Killed):
         trainer.prepare_tracking(run, parent_run_id=parent, sweep="a-sweep")
     monkeypatch.undo()
@@ -167,14 +168,14 @@ def test_a_start_killed_between_creating_its_run_and_recording_it_is_adopted(
     assert [r.info.run_id for r in runs] == made == [run_id]
     assert runs[0].info.status == "RUNNING" and runs[0].data.tags["mlflow.parentRunId"] == parent
     assert runs[0].data.params["adapter.sigma_p"] == "0.2"
-    assert trainer.recorded_run_id(run) == run_id
+    assert run_marker.recorded_run_id(run) == run_id
     assert trainer.prepare_tracking(run, parent, "a-sweep")[1] == run_id  # and again: no third
 
 
 def test_a_sweep_start_killed_before_recording_its_parent_run_adopts_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestrator.sweep import tune as sweep
+    from orchestrator.sweep import state as sweep_state
 
     base, _ = load_experiment(DEMO, overrides(tmp_path))
     plan = plan_sweep(base, SECTION, name="orphan")
@@ -185,16 +186,17 @@ def test_a_sweep_start_killed_before_recording_its_parent_run_adopts_it(
         made.append(create(*args, **kwargs))
         raise Killed
 
-    monkeypatch.setattr(tracking, "start_or_resume_run", create_then_die)
+    for where in (tracking, tracking.runs):  # the facade's name and the one create_run_once calls
+        monkeypatch.setattr(where, "start_or_resume_run", create_then_die)
     with pytest.raises(Killed):
-        sweep._open_parent(plan, {}, experiment_id)
+        sweep_state.open_parent(plan, {}, experiment_id)
     monkeypatch.undo()
-    state = sweep._read_state(plan)
+    state = sweep_state.read_state(plan)
     assert state["parent_run_id"] is None and state["start_id"]  # not started: no --resume needed
-    parent = sweep._open_parent(plan, state, experiment_id)
+    parent = sweep_state.open_parent(plan, state, experiment_id)
     runs = MlflowClient(plan.tracking_uri).search_runs([experiment_id], "tags.kind = 'sweep'")
     assert [r.info.run_id for r in runs] == made == [parent]
-    assert sweep._read_state(plan)["parent_run_id"] == parent
+    assert sweep_state.read_state(plan)["parent_run_id"] == parent
 
 
 def test_a_rerun_of_a_finished_run_never_changes_it(
@@ -262,10 +264,10 @@ def test_torn_state_files_are_named_with_what_to_do(tmp_path: Path) -> None:
     assert f"move the folder {plan.sweep_dir} away" in str(err.value)
 
     run = plan.trials[0].run
-    marker = trainer._marker_path(run)
+    marker = run_marker.marker_path(run)
     marker.parent.mkdir(parents=True)
     marker.write_text("")
-    for call in (lambda: trainer.recorded_run_id(run), lambda: trainer.prepare_tracking(run)):
+    for call in (lambda: run_marker.recorded_run_id(run), lambda: trainer.prepare_tracking(run)):
         with pytest.raises(StateFileError) as err:
             call()
         assert f"state file {marker} cannot be read (JSONDecodeError" in str(err.value)

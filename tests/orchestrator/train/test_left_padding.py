@@ -18,7 +18,7 @@ import melora
 from melora.evaluation import class_logits
 from melora.tasks import load_task, make_loader
 from orchestrator.config import RunConfig
-from orchestrator.train.worker import build_model
+from orchestrator.train.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

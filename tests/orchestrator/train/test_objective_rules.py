@@ -9,7 +9,10 @@ import math
 import pytest
 
 from orchestrator.config import RunConfig
-from orchestrator.train.worker import Objective, TaskData, TrainState, is_better, lr_lambda
+from orchestrator.train.checkpoint import TrainState
+from orchestrator.train.data import TaskData
+from orchestrator.train.objective import Objective, lr_lambda
+from orchestrator.train.worker import is_better
 
 
 class _EpochSampler:

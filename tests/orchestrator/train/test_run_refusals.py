@@ -12,8 +12,8 @@ from melora import ConfigError
 from melora.tasks import TaskError
 from orchestrator.config import RunConfig
 from orchestrator.train import trainer
+from orchestrator.train.model import worker_device
 from orchestrator.train.preflight import check_run_data
-from orchestrator.train.worker import worker_device
 
 GPU_RUN = {"scaling.use_gpu": True, "scaling.num_workers": 2}
 

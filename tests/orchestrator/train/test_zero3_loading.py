@@ -1,7 +1,7 @@
 """A real checkpoint (stories260K) loaded as Llama2-13B is: `from_pretrained` of a folder under
 ZeRO-3 on 2 gloo processes whose process group was made first, as Ray Train makes it.
 
-`worker.build_model` must give DeepSpeed's comm layer that process group before `from_pretrained`
+`model.build_model` must give DeepSpeed's comm layer that process group before `from_pretrained`
 enters `deepspeed.zero.Init`; otherwise zero.Init reads world size 1 and fails its batch check
 (`train_batch_size ... != micro_batch * grad_acc * world_size`) on every rank.
 """
@@ -9,33 +9,26 @@ enters `deepspeed.zero.Init`; otherwise zero.Init reads world size 1 and fails i
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests._dist import free_port, join_gloo_group
+
 pytestmark = pytest.mark.slow
 WORLD = 2
 
 
 def _child(rank: int, port: int, model_dir: str, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        LOCAL_RANK=str(rank),
-        DS_ACCELERATOR="cpu",
-    )
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)  # as Ray Train does
+    join_gloo_group(rank, port, WORLD)  # as Ray Train does
     import melora
     from orchestrator.config import RunConfig
+    from orchestrator.train.checkpoint import gathered_adapter_state
     from orchestrator.train.deepspeed_config import deepspeed_config
-    from orchestrator.train.worker import build_model, gathered_adapter_state
+    from orchestrator.train.model import build_model
 
     run = RunConfig().with_overrides(
         {
@@ -66,10 +59,7 @@ def _child(rank: int, port: int, model_dir: str, out_dir: str) -> None:
 
 
 def test_from_pretrained_under_zero3_loads_partitioned(stories_dir: Path, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_child, args=(port, str(stories_dir), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_child, args=(free_port(), str(stories_dir), str(tmp_path)), nprocs=WORLD, join=True)
     config = json.loads((stories_dir / "config.json").read_text())
     d, layers = config["hidden_size"], config["num_hidden_layers"]
     kv = d * config["num_key_value_heads"] // config["num_attention_heads"]

@@ -1,0 +1,32 @@
+"""The distributed set-up of tests that spawn gloo processes on the CPU (`torch.multiprocessing`),
+as Ray Train makes it for its workers: a free port, then in each child the environment of a
+rank and the default process group. Spawned children import it as `tests._dist` (the checkout
+is on their `sys.path`, as on pytest's: pyproject's `pythonpath`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_gloo_group(rank: int, port: int, world: int) -> None:
+    """In a spawned child: the rank's environment (DeepSpeed on the CPU accelerator) and the gloo
+    process group of `world` ranks on 127.0.0.1:`port`, made first, as Ray Train does."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        DS_ACCELERATOR="cpu",
+    )
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
