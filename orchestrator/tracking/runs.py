@@ -38,7 +38,7 @@ from orchestrator.tracking.conventions import (
     START_TAG,
 )
 from orchestrator.tracking.log import log_params, log_text
-from orchestrator.tracking.query import search_runs
+from orchestrator.tracking.query import read_run, search_runs
 from orchestrator.tracking.source import source_tags
 from orchestrator.tracking.store import MAX_TAG_LENGTH
 
@@ -213,13 +213,26 @@ def log_run_config(uri: str, run_id: str, params: Mapping[str, Any], config_yaml
 
 
 def try_set_terminated(
-    uri: str, run_id: str, status: str, reason: str | None, *, wait_s: float
+    uri: str,
+    run_id: str,
+    status: str,
+    reason: str | None,
+    *,
+    wait_s: float,
+    if_running: bool = False,
 ) -> str | None:
     """`set_terminated`, tried for up to `wait_s` seconds with bounded calls (`call_until`; 0: one
     short try); None when MLflow took it, else what went wrong ('TypeName: message', redacted):
-    a run that MLflow cannot mark must not hide the error that ended it."""
+    a run that MLflow cannot mark must not hide the error that ended it. `if_running`: leave a
+    run that has ended already as it is (a sweep's driver marks a trial that ASHA stopped KILLED
+    while the trial's process is still dying of it: that process must not overwrite KILLED)."""
+
+    def mark() -> None:
+        if not if_running or read_run(uri, run_id)[0] == "RUNNING":
+            set_terminated(uri, run_id, status, reason)
+
     try:
-        retries.call_until(lambda: set_terminated(uri, run_id, status, reason), wait_s)
+        retries.call_until(mark, wait_s)
     except Exception as err:
         return f"{type(err).__name__}: {redact_text(str(err))}"
     return None
@@ -229,7 +242,8 @@ def try_set_terminated(
 def failing_run(
     uri: str, run_id: str, *, label: str, wait_s: float | None = None
 ) -> Iterator[None]:
-    """When the block raises, mark the run FAILED with the reason ('TypeName: message'), trying
+    """When the block raises, mark the run FAILED with the reason ('TypeName: message'; a run
+    that has ended already, e.g. KILLED by a sweep's scheduler, stays as it is), trying
     for `wait_s` seconds (default `MARK_FAILED_WAIT_S`), and raise `RunFailedError('<label>
     failed (MLflow run <id>): <reason>')` from the error; when MLflow could not be told, the
     message says so and that the run may still say RUNNING."""
@@ -238,7 +252,7 @@ def failing_run(
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         wait = retries.MARK_FAILED_WAIT_S if wait_s is None else wait_s
-        problem = try_set_terminated(uri, run_id, "FAILED", reason, wait_s=wait)
+        problem = try_set_terminated(uri, run_id, "FAILED", reason, wait_s=wait, if_running=True)
         if problem is not None:
             reason += (
                 "; and the MLflow run could not be marked FAILED, it may still say RUNNING ("

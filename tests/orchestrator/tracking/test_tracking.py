@@ -21,7 +21,7 @@ from mlflow.entities import SourceType
 
 from orchestrator import tracking
 from orchestrator.config import RunConfig, TrackingConfig, load_config, load_experiment
-from orchestrator.errors import TrackingError
+from orchestrator.errors import RunFailedError, TrackingError
 from orchestrator.sweep.plan import plan_sweep
 
 REPO = Path(__file__).resolve().parents[3]
@@ -157,6 +157,29 @@ def test_run_is_created_once_and_resumed(uri: str, experiment: str) -> None:
         "seed": "1",
     }
     assert "hf_token" not in run.data.tags
+
+
+def test_a_failing_block_marks_its_run_failed_unless_it_ended_already(
+    uri: str, experiment: str
+) -> None:
+    """A trial that ASHA stopped is marked KILLED by the sweep's driver while the trial's process
+    is still dying of it; that process's error must not turn KILLED into FAILED."""
+    running = tracking.start_or_resume_run(uri, experiment, run_name="dies")
+    killed = tracking.start_or_resume_run(uri, experiment, run_name="stopped")
+    tracking.set_terminated(uri, killed, "KILLED", reason="stopped early by the asha scheduler")
+    for run_id in (running, killed):
+        with pytest.raises(
+            RunFailedError, match=f"trial failed \\(MLflow run {run_id}\\): OSError: gone"
+        ):
+            with tracking.failing_run(uri, run_id, label="trial", wait_s=0):
+                raise OSError("gone")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(running).info.status == "FAILED"
+    assert client.get_run(running).data.tags["failure_reason"] == "OSError: gone"
+    assert client.get_run(killed).info.status == "KILLED"
+    assert (
+        client.get_run(killed).data.tags["failure_reason"] == "stopped early by the asha scheduler"
+    )
 
 
 def test_resume_of_an_unknown_run_fails(uri: str, experiment: str) -> None:
