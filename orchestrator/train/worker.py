@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,11 @@ def is_better(run: RunConfig, val: dict[str, float], state: TrainState) -> bool:
 
 
 def maybe_inject_fault(fault: dict[str, int] | None, rank: int, step: int, resumed: bool) -> None:
-    """For the fault-tolerance test: on the first attempt, kill this worker process at a given step."""
+    """For the fault-tolerance test: on the first attempt, kill this worker process at a given step.
+
+    It waits first for Ray Train's controller to have collected the reports before this step (it
+    polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a worker killed
+    sooner takes its last checkpoint report with it, and the restart begins at step 0."""
     if fault and not resumed and rank == fault["rank"] and step == fault["step"]:
+        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
         os.kill(os.getpid(), signal.SIGKILL)
