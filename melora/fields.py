@@ -98,17 +98,23 @@ def validate(obj: Any, section: str | None = None, *, skip: tuple[str, ...] = ()
         key = prefix + f.name
         meta = f.metadata
         value = coerce(key, getattr(obj, f.name), hints[f.name], meta)
-        if "choices" in meta and value is not None and value not in meta["choices"]:
-            raise ConfigError(
-                f"{key}={short_repr(value)} is not allowed: choose one of {list(meta['choices'])}"
-            )
-        for bound, (ok, words) in BOUNDS.items():
-            if bound in meta and value is not None and not ok(value, meta[bound]):
-                refusal = meta.get(
-                    "out_of_range", f"is out of range: allowed is {words} {meta[bound]}"
-                )
-                raise ConfigError(f"{key}={short_repr(value)} {refusal}")
+        check_value(key, value, meta)
         setattr(obj, f.name, value)
+
+
+def check_value(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """ConfigError when `value` (already of the field's type) is not among the metadata's
+    `choices` or breaks one of its bounds; None always passes."""
+    if value is None:
+        return
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(
+            f"{key}={short_repr(value)} is not allowed: choose one of {list(meta['choices'])}"
+        )
+    for bound, (ok, words) in BOUNDS.items():
+        if bound in meta and not ok(value, meta[bound]):
+            refusal = meta.get("out_of_range", f"is out of range: allowed is {words} {meta[bound]}")
+            raise ConfigError(f"{key}={short_repr(value)} {refusal}")
 
 
 def coerce(key: str, value: Any, hint: Any, meta: Mapping[str, Any] | None = None) -> Any:

@@ -31,7 +31,6 @@ trials; the helpers here (`field_type`, `flatten`, `choice_values`, ...) check w
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import typing
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melora.errors import ConfigError
+from melora.fields import check_keys, check_value, field_names, unknown_key_message
 from melora.keys import VAL_METRICS, parse_final_key, val_key
 from orchestrator.config import MAX_SEED, SECTIONS, RunConfig, short_repr
 from orchestrator.sweep.names import SWEEP_NAME
@@ -150,14 +150,7 @@ class SweepConfig:
         """Validate the raw section (nested mappings under a section name become dotted keys)."""
         if not isinstance(raw, Mapping):
             raise ConfigError(f"sweep={raw!r} must be a mapping of sweep fields")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in raw:
-            if key not in names:
-                close = difflib.get_close_matches(str(key)[:100], names, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(
-                    f"unknown key {short_repr(f'sweep.{key}')}{hint}; allowed keys: {names}"
-                )
+        check_keys("sweep", raw, field_names(cls))
         cfg = cls(**{k: v for k, v in raw.items() if v is not None or k in ("name", "mode")})
         cfg.validate()
         return cfg
@@ -208,11 +201,8 @@ class SweepConfig:
     def _check_choices(self, *names: str) -> None:
         """The fields `names` against the `choices` of their metadata (None: the default)."""
         for f in dataclasses.fields(self):
-            value, allowed = getattr(self, f.name), f.metadata.get("choices")
-            if f.name in names and value is not None and value not in allowed:
-                raise ConfigError(
-                    f"sweep.{f.name}={short_repr(value)} is not allowed: choose one of {list(allowed)}"
-                )
+            if f.name in names:
+                check_value(f"sweep.{f.name}", getattr(self, f.name), f.metadata)
 
     def _check_search(self) -> None:
         if self.search != "grid" and self.num_samples > self.max_trials:
@@ -246,7 +236,7 @@ class SweepConfig:
 
     def _check_asha(self) -> None:
         unknown = sorted(set(self.asha) - set(ASHA_KEYS))
-        if unknown:
+        if unknown:  # all of them at once: ASHA has two keys
             raise ConfigError(
                 f"sweep.asha has unknown keys {short_repr(unknown)}: allowed are grace_period, reduction_factor"
             )
@@ -292,11 +282,10 @@ def field_type(where: str, key: str) -> Any:
         raise ConfigError(
             f"{where}: {key!r} is not a config field: use 'section.field' such as 'adapter.sigma_p', or 'seed'"
         )
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in SECTIONS]
+    names = [n for n in field_names(cls) if n not in SECTIONS]
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}: unknown field {key!r}{hint}; allowed: {names}")
+        section = "" if cls is RunConfig else parts[0]
+        raise ConfigError(f"{where}: {unknown_key_message(section, name, names, noun='field')}")
     if key in NOT_SWEPT:
         raise ConfigError(
             f"{where}: a sweep cannot vary {key!r}: the sweep names its runs and logs them to one MLflow "
