@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from melora.errors import ConfigError
-from melora.fields import check_keys, field_names, validate
+from melora.fields import at_least, check_keys, field_names, validate
 
 METHODS = ("lora", "blob", "melora", "mcd", "ens", "lap", "ts")
 SAMPLING_METHODS = ("blob", "melora", "mcd")  # whose N-sample predictive draws something
@@ -44,8 +44,7 @@ class AdapterConfig:
         default=8,
         metadata={
             "help": "Rank of the low-rank update (r >= 1).",
-            "ge": 1,
-            "out_of_range": "must be an integer >= 1",
+            **at_least(1),
         },
     )
     alpha: float = field(

@@ -18,8 +18,10 @@ tuple; bool is never a number) and against these metadata keys:
 - "shown": for a mapping field, `shown(key, value) -> str`, how a refused entry's value is
   printed (so that a secret is never echoed).
 
-`check_keys` refuses an unknown key with one message for the whole project, with a difflib
-suggestion. `short_repr` cuts a value for a message. Plain Python: melora's and the
+`at_least(n)` is the metadata of an integer field >= n. `check_field` checks one value that is not
+a dataclass field (an entry of a mapping, a field of a union type). `check_keys` refuses an unknown
+key with one message for the whole project, with a difflib suggestion. `short_repr` cuts a value
+for a message. Plain Python: melora's and the
 orchestrator's configs both use it.
 """
 
@@ -57,6 +59,11 @@ def short_repr(value: Any, limit: int = 100) -> str:
     except (ValueError, RecursionError):  # an int beyond Python's 4300 printable digits
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def at_least(minimum: int) -> dict[str, Any]:
+    """Metadata of an integer field >= minimum: "r=0 must be an integer >= 1"."""
+    return {"ge": minimum, "out_of_range": f"must be an integer >= {minimum}"}
 
 
 def field_names(cls: type) -> list[str]:
@@ -97,9 +104,14 @@ def validate(obj: Any, section: str | None = None, *, skip: tuple[str, ...] = ()
             continue
         key = prefix + f.name
         meta = f.metadata
-        value = coerce(key, getattr(obj, f.name), hints[f.name], meta)
-        check_value(key, value, meta)
-        setattr(obj, f.name, value)
+        setattr(obj, f.name, check_field(key, getattr(obj, f.name), hints[f.name], meta))
+
+
+def check_field(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
+    """`value` coerced to `hint` and checked against `meta`, as `validate` does for a field."""
+    value = coerce(key, value, hint, meta)
+    check_value(key, value, meta)
+    return value
 
 
 def check_value(key: str, value: Any, meta: Mapping[str, Any]) -> None:

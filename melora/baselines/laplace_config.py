@@ -13,16 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from melora.errors import ConfigError
-from melora.fields import validate
+from melora.fields import at_least, validate
 
 PRIOR_TUNINGS = ("marglik", "gridsearch", "none")
 PRIOR_STRUCTURES = ("scalar", "layerwise")
 LINK_APPROXES = ("mc", "probit")
-
-
-def _at_least(minimum: int) -> dict[str, Any]:
-    """Metadata of an integer field >= minimum."""
-    return {"ge": minimum, "out_of_range": f"must be an integer >= {minimum}"}
 
 
 _POSITIVE = {"gt": 0, "out_of_range": "must be > 0"}
@@ -76,7 +71,7 @@ class LaplaceConfig:
         default=100,
         metadata={
             "help": "Adam steps on log lambda when prior_tuning is 'marglik' (>= 1).",
-            **_at_least(1),
+            **at_least(1),
         },
     )
     marglik_lr: float = field(
@@ -90,27 +85,27 @@ class LaplaceConfig:
     )
     grid_size: int = field(
         default=21,
-        metadata={"help": "Gridsearch: lambda values, log-spaced (>= 2).", **_at_least(2)},
+        metadata={"help": "Gridsearch: lambda values, log-spaced (>= 2).", **at_least(2)},
     )
     tune_n_samples: int = field(
         default=100,
         metadata={
             "help": "Gridsearch with link_approx 'mc': logit samples per validation example (>= 1).",
-            **_at_least(1),
+            **at_least(1),
         },
     )
     fit_batch_size: int = field(
         default=8,
         metadata={
             "help": "Examples per KFAC batch (one forward and one backward per class each) (>= 1).",
-            **_at_least(1),
+            **at_least(1),
         },
     )
     predict_batch_size: int = field(
         default=2,
         metadata={
             "help": "Examples per Jacobian in prediction and gridsearch; time per example and memory grow with it: keep it small (>= 1).",
-            **_at_least(1),
+            **at_least(1),
         },
     )
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from melora.adapters import attach, read_adapter_config
 from melora.baselines.ensemble import DEFAULT_SIZE, ensemble_seeds
 from melora.baselines.ensemble import evaluate_ensemble as evaluate_members
+from melora.config import AdapterConfig
 from melora.errors import ConfigError
 from melora.tasks import load_task, make_loader
 from orchestrator import tracking
@@ -164,24 +165,7 @@ def _evaluate_ensemble_run(
 ) -> RunResult:
     uri = tracking.resolve_tracking_uri(run.tracking)
     with tempfile.TemporaryDirectory() as tmp:
-        members = []
-        for i, run_id in enumerate(member_run_ids):
-            cfg = finished_run_config(uri, run_id, Path(tmp) / f"member{i}")
-            if cfg.task.name != run.task.name or cfg.model.name_or_path != run.model.name_or_path:
-                raise PosthocError(
-                    f"member run {run_id} trained {cfg.model.name_or_path} on {cfg.task.name}, but "
-                    f"the ensemble is of {run.model.name_or_path} on {run.task.name}"
-                )
-            members.append(
-                (run_id, cfg.seed, download_adapter(uri, run_id, Path(tmp) / f"member{i}"))
-            )
-        adapter_cfg = read_adapter_config(members[0][2])
-        for run_id, _, folder in members[1:]:
-            if read_adapter_config(folder) != adapter_cfg:
-                raise PosthocError(
-                    f"member run {run_id} has another adapter config than {member_run_ids[0]}: "
-                    "an ensemble's members differ only in their seed"
-                )
+        members, adapter_cfg = _download_members(uri, run, member_run_ids, Path(tmp))
         ids = ",".join(member_run_ids)
         seeds = [seed for _, seed, _ in members]
         extra_params = {
@@ -219,6 +203,30 @@ def _evaluate_ensemble_run(
                 files={"ensemble/members.json": json.dumps(table, indent=2) + "\n"},
             )
     return RunResult(mlflow_run_id=ens_id, tracking_uri=uri, metrics=evaluation.metrics, path="")
+
+
+def _download_members(
+    uri: str, run: RunConfig, member_run_ids: list[str], folder: Path
+) -> tuple[list[tuple[str, int, Path]], AdapterConfig]:
+    """Each member's (run id, seed, adapter folder) under `folder`, and their one adapter config;
+    PosthocError when a member trained another model or task, or another adapter config."""
+    members = []
+    for i, run_id in enumerate(member_run_ids):
+        cfg = finished_run_config(uri, run_id, folder / f"member{i}")
+        if cfg.task.name != run.task.name or cfg.model.name_or_path != run.model.name_or_path:
+            raise PosthocError(
+                f"member run {run_id} trained {cfg.model.name_or_path} on {cfg.task.name}, but "
+                f"the ensemble is of {run.model.name_or_path} on {run.task.name}"
+            )
+        members.append((run_id, cfg.seed, download_adapter(uri, run_id, folder / f"member{i}")))
+    adapter_cfg = read_adapter_config(members[0][2])
+    for run_id, _, adapter in members[1:]:
+        if read_adapter_config(adapter) != adapter_cfg:
+            raise PosthocError(
+                f"member run {run_id} has another adapter config than {member_run_ids[0]}: "
+                "an ensemble's members differ only in their seed"
+            )
+    return members, adapter_cfg
 
 
 def _loaders(run: RunConfig, tokenizer):

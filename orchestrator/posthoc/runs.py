@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from melora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from orchestrator import tracking
 from orchestrator.config import RunConfig
 from orchestrator.errors import PosthocError
-from orchestrator.tracking.conventions import RESOLVED_CONFIG
 from orchestrator.train.model import build_model
 
 
@@ -35,24 +32,12 @@ def finished_run_config(uri: str, run_id: str, dst: str | Path) -> RunConfig:
         ) from None
     if status != "FINISHED":
         raise PosthocError(f"MLflow run {run_id} is {status}, not FINISHED: use a finished run")
-    path = tracking.download_artifact(uri, run_id, RESOLVED_CONFIG, dst)
-    if path is None:
-        raise PosthocError(
-            f"MLflow run {run_id} has no config/resolved.yaml artifact: was it made by fit_run?"
-        )
-    return RunConfig.from_dict(yaml.safe_load(Path(path).read_text()))
+    return tracking.run_config(uri, run_id, dst, PosthocError)
 
 
 def download_adapter(uri: str, run_id: str, dst: str | Path) -> Path:
     """The run's `adapter/` artifact (safetensors + config) as the local folder `dst`/adapter."""
-    folder = Path(dst) / "adapter"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if tracking.download_artifact(uri, run_id, f"adapter/{name}", folder) is None:
-            raise PosthocError(
-                f"MLflow run {run_id} has no adapter/{name} artifact: is it a finished training run?"
-            )
-    return folder
+    return tracking.download_adapter(uri, run_id, Path(dst) / "adapter", PosthocError)
 
 
 def whole_model(run: RunConfig) -> tuple[Any, torch.nn.Module, torch.device]:

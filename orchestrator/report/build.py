@@ -73,14 +73,13 @@ from orchestrator.report.rows import (
     Run,
     assign_rows,
     blob_notes,
-    method_row,
     status_counts,
     to_run,
 )
 from orchestrator.report.runs import ensemble_helpers, find_runs
 from orchestrator.report.tables import DEFAULT_METRICS, METRICS, Table
 
-__all__ = ["Report", "build_report", "method_row", "write_report"]
+__all__ = ["Report", "build_report", "write_report"]
 
 
 @dataclass

@@ -32,14 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from melora.errors import ConfigError
-from melora.fields import check_keys, check_value, field_names, unknown_key_message
+from melora.fields import (
+    at_least,
+    check_field,
+    check_keys,
+    check_value,
+    field_names,
+    unknown_key_message,
+)
 from melora.keys import VAL_METRICS, parse_final_key, val_key
 from orchestrator.config import MAX_SEED, SECTIONS, RunConfig, short_repr
 from orchestrator.sweep.names import SWEEP_NAME
@@ -57,7 +63,10 @@ NOT_SWEPT = (  # one sweep: one set of run names, one MLflow experiment, one sto
     "tracking.storage_path",
     "tracking.tags",
 )
-ASHA_KEYS = ("grace_period", "reduction_factor")
+ASHA_ENTRIES = {  # key of sweep.asha -> (default, metadata of the integer)
+    "grace_period": (100, at_least(1)),
+    "reduction_factor": (2, at_least(2)),
+}
 
 
 @dataclass
@@ -95,11 +104,15 @@ class SweepConfig:
         },
     )
     num_samples: int = field(
-        default=1, metadata={"help": "random / optuna: points drawn from space."}
+        default=1, metadata={"help": "random / optuna: points drawn from space.", **at_least(1)}
     )
     search_seed: int = field(
         default=0,
-        metadata={"help": "random / optuna: seed of the draws (the same trials every time)."},
+        metadata={
+            "help": "random / optuna: seed of the draws (the same trials every time).",
+            "ge": 0,
+            "le": MAX_SEED,
+        },
     )
     scheduler: str = field(
         default="none",
@@ -130,18 +143,25 @@ class SweepConfig:
     max_concurrent_trials: int | str = field(
         default="auto",
         metadata={
-            "help": "'auto': as many whole trials (driver + workers) as the cluster's CPUs and GPUs hold when the sweep starts; or a number (for autoscaling clusters)."
+            "help": "'auto': as many whole trials (driver + workers) as the cluster's CPUs and GPUs hold when the sweep starts; or a number (for autoscaling clusters).",
+            **at_least(1),
         },
     )
     driver_cpus: float = field(
         default=1.0,
-        metadata={"help": "CPUs reserved for each trial's driver (the process that runs fit_run)."},
+        metadata={
+            "help": "CPUs reserved for each trial's driver (the process that runs fit_run).",
+            "gt": 0,
+            "out_of_range": "must be a number > 0 (Ray refuses a trial driver with 0 CPUs)",
+            "keep_int": True,
+        },
     )
     max_trials: int = field(
         default=10_000,
         metadata={
             "help": "A sweep of more trials is refused before any is built (a typo in a grid can "
-            "mean a million; planning costs about 2 ms a trial); raise it to run a bigger one."
+            "mean a million; planning costs about 2 ms a trial); raise it to run a bigger one.",
+            **at_least(1),
         },
     )
 
@@ -172,23 +192,14 @@ class SweepConfig:
             field_type(f"sweep.fixed.{key}", key)
         self.space = flatten(self.space, leaf=is_distribution)
         self._check_choices("search", "scheduler")
-        check_int("sweep.max_trials", self.max_trials, 1)
-        check_int("sweep.num_samples", self.num_samples, 1)
-        check_int("sweep.search_seed", self.search_seed, 0, MAX_SEED)
+        self._check_numbers(int, "max_trials", "num_samples", "search_seed")
         self._check_search()
         self._check_asha()
         self._check_metric()
         self._check_choices("mode")
         if self.max_concurrent_trials != "auto":
-            check_int("sweep.max_concurrent_trials", self.max_concurrent_trials, 1)
-        if (
-            isinstance(self.driver_cpus, bool)
-            or not isinstance(self.driver_cpus, (int, float))
-            or not 0 < self.driver_cpus < math.inf
-        ):
-            raise ConfigError(
-                f"sweep.driver_cpus={short_repr(self.driver_cpus)} must be a number > 0 (Ray refuses a trial driver with 0 CPUs)"
-            )
+            self._check_numbers(int, "max_concurrent_trials")
+        self._check_numbers(float, "driver_cpus")
 
     @property
     def resolved_mode(self) -> str:
@@ -203,6 +214,12 @@ class SweepConfig:
         for f in dataclasses.fields(self):
             if f.name in names:
                 check_value(f"sweep.{f.name}", getattr(self, f.name), f.metadata)
+
+    def _check_numbers(self, hint: type, *names: str) -> None:
+        """The fields `names` as numbers of type `hint` within the bounds of their metadata."""
+        for f in dataclasses.fields(self):
+            if f.name in names:
+                check_field(f"sweep.{f.name}", getattr(self, f.name), hint, f.metadata)
 
     def _check_search(self) -> None:
         if self.search != "grid" and self.num_samples > self.max_trials:
@@ -235,13 +252,9 @@ class SweepConfig:
                 ) from None
 
     def _check_asha(self) -> None:
-        unknown = sorted(set(self.asha) - set(ASHA_KEYS))
-        if unknown:  # all of them at once: ASHA has two keys
-            raise ConfigError(
-                f"sweep.asha has unknown keys {short_repr(unknown)}: allowed are grace_period, reduction_factor"
-            )
-        check_int("sweep.asha.grace_period", self.asha.get("grace_period", 100), 1)
-        check_int("sweep.asha.reduction_factor", self.asha.get("reduction_factor", 2), 2)
+        check_keys("sweep.asha", self.asha, list(ASHA_ENTRIES))
+        for key, (default, meta) in ASHA_ENTRIES.items():
+            check_field(f"sweep.asha.{key}", self.asha.get(key, default), int, meta)
 
     def _check_metric(self) -> None:
         if not is_sweep_metric(self.metric):
@@ -372,11 +385,3 @@ def check_distribution(where: str, key: str, dist: Any) -> None:
             "randint": "[lo, hi], integers with lo <= hi",
         }[kind]
         raise ConfigError(f"{where}: {kind}={short_repr(arg)} must be {need}")
-
-
-def check_int(where: str, value: Any, minimum: int, maximum: int | None = None) -> None:
-    """An integer (not a bool) >= `minimum` (and <= `maximum`); ConfigError naming `where`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}={short_repr(value)} must be an integer >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{where}={short_repr(value)} is out of range: allowed is <= {maximum}")

@@ -58,10 +58,12 @@ from orchestrator.tracking.log import (
 from orchestrator.tracking.query import (
     RunRecord,
     child_runs,
+    download_adapter,
     download_artifact,
     experiments,
     metric_history,
     read_run,
+    run_config,
     search_runs,
 )
 from orchestrator.tracking.retries import (
@@ -130,6 +132,7 @@ __all__ = [
     "child_runs",
     "conventions",
     "create_run_once",
+    "download_adapter",
     "download_artifact",
     "ensure_experiment",
     "entry_point",
@@ -152,6 +155,7 @@ __all__ = [
     "open_experiment",
     "param_text",
     "read_run",
+    "run_config",
     "redact_text",
     "redact_uri",
     "resolve_tracking_uri",

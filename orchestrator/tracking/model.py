@@ -35,12 +35,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from melora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from orchestrator.config import RunConfig
 from orchestrator.errors import ModelError
 from orchestrator.redaction import redact_text, redact_uri
@@ -48,7 +46,6 @@ from orchestrator.tracking import store
 from orchestrator.tracking.conventions import (
     METHOD_TAG,
     MODEL_ERROR_TAG,
-    RESOLVED_CONFIG,
     SEED_TAG,
     SWEEP_RUN_TAG,
     TASK_TAG,
@@ -57,7 +54,7 @@ from orchestrator.tracking.conventions import SWEEP_METRIC_TAG as SWEEP_METRIC_T
 from orchestrator.tracking.conventions import SWEEP_TRIAL_TAG as SWEEP_TRIAL_TAG  # re-exported
 from orchestrator.tracking.conventions import SWEEP_VALUE_TAG as SWEEP_VALUE_TAG  # re-exported
 from orchestrator.tracking.log import METRICS_PER_BATCH, set_tags
-from orchestrator.tracking.query import download_artifact
+from orchestrator.tracking.query import download_adapter, run_config
 
 MODEL_CODE = Path(__file__).with_name("adapter_pyfunc.py")  # the model's code (models from code)
 MODEL_TYPE = "melora-adapter"  # the logged model's model_type
@@ -133,7 +130,7 @@ def log_run_model(uri: str, run_id: str, run: RunConfig | None = None) -> str:
     """
     client = store.client(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        run = run or _run_config(uri, run_id, Path(tmp))
+        run = run or run_config(uri, run_id, tmp, ModelError)
         reason = unloggable_reason(run)
         if reason is not None:
             raise ModelError(f"MLflow run {run_id}: {reason}")
@@ -145,7 +142,7 @@ def log_run_model(uri: str, run_id: str, run: RunConfig | None = None) -> str:
         temperature = metrics.get("temperature") if run.adapter.method == "ts" else None
         if run.adapter.method == "ts" and temperature is None:
             raise ModelError(f"MLflow run {run_id} (method ts) has no metric 'temperature'")
-        adapter = _download_adapter(uri, run_id, Path(tmp) / "adapter")
+        adapter = download_adapter(uri, run_id, Path(tmp) / "adapter", ModelError)
         logged = client.create_logged_model(
             experiment_id=tracked.info.experiment_id,
             name=_BAD_NAME_CHARS.sub("_", run.run_name),
@@ -417,26 +414,6 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
 
     with _use_tracking_uri(uri):
         yield
-
-
-def _run_config(uri: str, run_id: str, dst: Path) -> RunConfig:
-    path = download_artifact(uri, run_id, RESOLVED_CONFIG, dst)
-    if path is None:
-        raise ModelError(
-            f"MLflow run {run_id} has no config/resolved.yaml artifact: was it made by fit_run?"
-        )
-    return RunConfig.from_dict(yaml.safe_load(Path(path).read_text()))
-
-
-def _download_adapter(uri: str, run_id: str, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if download_artifact(uri, run_id, f"adapter/{name}", folder) is None:
-            raise ModelError(
-                f"MLflow run {run_id} has no adapter/{name} artifact: is it a training run "
-                "whose workers finished?"
-            )
-    return folder
 
 
 def _dataset_digests(uri: str, run_id: str) -> dict[str, str]:

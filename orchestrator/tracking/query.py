@@ -1,6 +1,6 @@
-"""Runs read back: one run's status, tags and metrics, a metric's history, an artifact file, and
-the runs of experiments found by MLflow's filter strings (what the sweep's results and the reports
-read)."""
+"""Runs read back: one run's status, tags and metrics, a metric's history, an artifact file, a
+training run's resolved config and adapter, and the runs of experiments found by MLflow's filter
+strings (what the sweep's results, the reports and the post-hoc evaluations read)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from melora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from orchestrator.config import RunConfig
 from orchestrator.tracking import store
-from orchestrator.tracking.conventions import PARENT_RUN_TAG
+from orchestrator.tracking.conventions import PARENT_RUN_TAG, RESOLVED_CONFIG
 
 
 def read_run(uri: str, run_id: str) -> tuple[str, dict[str, str], dict[str, float]]:
@@ -93,3 +97,30 @@ def download_artifact(uri: str, run_id: str, path: str, dst_dir: str | os.PathLi
     if path not in {f.path for f in client.list_artifacts(run_id, folder) if not f.is_dir}:
         return None
     return Path(client.download_artifacts(run_id, path, str(dst_dir)))
+
+
+def run_config(uri: str, run_id: str, dst: str | os.PathLike, error: type[Exception]) -> RunConfig:
+    """The run's resolved config (its `config/resolved.yaml` artifact, downloaded into `dst`);
+    `error` (the caller's type) when the run has none."""
+    path = download_artifact(uri, run_id, RESOLVED_CONFIG, dst)
+    if path is None:
+        raise error(
+            f"MLflow run {run_id} has no {RESOLVED_CONFIG} artifact: was it made by fit_run?"
+        )
+    return RunConfig.from_dict(yaml.safe_load(path.read_text()))
+
+
+def download_adapter(
+    uri: str, run_id: str, folder: str | os.PathLike, error: type[Exception]
+) -> Path:
+    """The run's `adapter/` artifact (safetensors weights + config) as the local `folder`;
+    `error` (the caller's type) when a file is missing."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if download_artifact(uri, run_id, f"adapter/{name}", folder) is None:
+            raise error(
+                f"MLflow run {run_id} has no adapter/{name} artifact: is it a training run "
+                "whose workers finished?"
+            )
+    return folder

@@ -186,7 +186,7 @@ def test_the_demo_study_runs_every_method_in_the_overfitting_regime() -> None:
     """Rows as the report names them, 3 seeds each, on the small training set and the
     label-preserving shift; only the method's own fields differ between rows."""
     from melora.tasks import load_task
-    from orchestrator.report.build import method_row
+    from orchestrator.report.rows import method_row
 
     p = plan(REPO / "jobs/configs/demo_study.yaml")
     rows = {}
@@ -269,6 +269,18 @@ def test_concurrency_counts_whole_trials_and_refuses_a_cluster_too_small() -> No
         ({"metric": "val/auc"}, r"sweep.metric='val/auc' is not a metric a trial reports"),
         ({"max_concurrent_trials": 0}, r"sweep.max_concurrent_trials=0 must be an integer >= 1"),
         ({"driver_cpus": 0}, r"sweep.driver_cpus=0 must be a number > 0"),
+        ({"driver_cpus": "two"}, r"sweep.driver_cpus='two' must be a finite number"),
+        ({"num_samples": 0}, r"sweep.num_samples=0 must be an integer >= 1"),
+        ({"max_trials": True}, r"sweep.max_trials=True must be an integer"),
+        ({"search_seed": 2**31}, r"sweep.search_seed=2147483648 is out of range: allowed is <= "),
+        (
+            {"scheduler": "asha", "asha": {"reduction_factor": 1}},
+            r"sweep.asha.reduction_factor=1 must be an integer >= 2",
+        ),
+        (
+            {"scheduler": "asha", "asha": {"grace_perod": 5}},
+            r"unknown key 'sweep.asha.grace_perod' \(did you mean 'grace_period'\?\); allowed keys in sweep.asha",
+        ),
         ({"fixed": {"optim.max_steps": 0}}, r"sweep.fixed: optim.max_steps=0 is out of range"),
     ],
 )
