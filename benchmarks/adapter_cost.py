@@ -1038,7 +1038,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.collectives_worker is not None:  # one rank of --collectives
         spec = json.loads(args.collectives_worker)
         kl_step_worker(spec["rank"], spec["cases"], spec["blocks"], spec["out"])
-        return
+        # End now, without Python's finalisation (tests/_dist.py's leave_gloo_group, which a
+        # benchmark cannot import, says why): DeepSpeed's engines keep the gloo groups alive, and
+        # a gloo thread that frees its last work's tensors while Python finalises aborts the
+        # process (SIGABRT, "terminate called without an active exception": once in CI, 2 in 16
+        # runs here). The reports are written and closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if args.collectives:
         blocks = [args.layers] if args.layers else list(COLLECTIVE_BLOCKS)
         with tempfile.TemporaryDirectory(prefix="kl-step-collectives-") as tmp:

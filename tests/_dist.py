@@ -1,12 +1,13 @@
 """The distributed set-up of tests that spawn gloo processes on the CPU (`torch.multiprocessing`),
 as Ray Train makes it for its workers: a free port, then in each child the environment of a
-rank and the default process group. Spawned children import it as `tests._dist` (the checkout
+rank and the default process group, and at the child's end `leave_gloo_group`. Spawned children import it as `tests._dist` (the checkout
 is on their `sys.path`, as on pytest's: pyproject's `pythonpath`)."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 
@@ -30,3 +31,20 @@ def join_gloo_group(rank: int, port: int, world: int) -> None:
         DS_ACCELERATOR="cpu",
     )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def leave_gloo_group() -> None:
+    """The child's last line: destroy the process groups, then end the process at once, without
+    Python's finalisation (exit status 0; a failure before this line still fails the child).
+
+    DeepSpeed's engines keep their gloo groups alive past `destroy_process_group`, so a gloo thread
+    may drop its last finished work (and the tensors in it) while Python finalises; freeing a
+    tensor takes the GIL, a thread that takes it during finalisation is ended by pthread_exit
+    inside a C++ destructor, and that is std::terminate: SIGABRT, "terminate called without an
+    active exception". Seen in benchmarks/adapter_cost.py's gloo processes (once in CI, 2 in 16
+    local runs); gdb: ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> THPVariable_dealloc ->
+    take_gil -> PyThread_exit_thread, while the main thread is in Py_FinalizeEx."""
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests._dist import free_port, join_gloo_group
+from tests._dist import free_port, join_gloo_group, leave_gloo_group
 
 pytestmark = pytest.mark.slow
 R, FORWARDS = 8, 60
@@ -127,7 +127,7 @@ def _child(rank: int, port: int, out_dir: str) -> None:
         )
         report[stage] = out
     Path(out_dir, "report.json").write_text(json.dumps(report))
-    torch.distributed.destroy_process_group()
+    leave_gloo_group()
 
 
 def test_bf16_keeps_the_posterior_noise(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from orchestrator.train import collectives
-from tests._dist import free_port, join_gloo_group
+from tests._dist import free_port, join_gloo_group, leave_gloo_group
 
 REPO = Path(__file__).resolve().parents[3]
 WORLD = 2
@@ -142,7 +142,7 @@ def _child(rank: int, port: int, out_dir: str) -> None:
         ).tolist()
     results["violations"] = violations
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    leave_gloo_group()
 
 
 def test_every_collective_gets_the_backends_device(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import melora
 from melora.evaluation import class_logits
 from melora.objective import draw_prior_eps, kl_weight
-from tests._dist import free_port, join_gloo_group
+from tests._dist import free_port, join_gloo_group, leave_gloo_group
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def _deepspeed_child(rank: int, port: int, out_dir: str) -> None:
         state = gathered_adapter_state(engine.module)
         if rank == 0:
             save_file(state, os.path.join(out_dir, f"stage{stage}_{kl_optimizer}.safetensors"))
-    torch.distributed.destroy_process_group()
+    leave_gloo_group()
 
 
 def plain_pytorch(stage: int, kl_optimizer: str) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests._dist import free_port, join_gloo_group
+from tests._dist import free_port, join_gloo_group, leave_gloo_group
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -55,7 +55,7 @@ def _child(rank: int, port: int, model_dir: str, out_dir: str) -> None:
     except Exception as err:  # the reason travels to the test, not only to stderr
         report["error"] = f"{type(err).__name__}: {err}"
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    torch.distributed.destroy_process_group()
+    leave_gloo_group()
 
 
 def test_from_pretrained_under_zero3_loads_partitioned(stories_dir: Path, tmp_path: Path) -> None:
