@@ -1,7 +1,8 @@
 """The distributed set-up of tests that spawn gloo processes on the CPU (`torch.multiprocessing`),
-as Ray Train makes it for its workers: a free port, then in each child the environment of a
-rank and the default process group, and at the child's end `leave_gloo_group`. Spawned children import it as `tests._dist` (the checkout
-is on their `sys.path`, as on pytest's: pyproject's `pythonpath`)."""
+as Ray Train makes it for its workers: a free port, then in each child the environment of a rank
+and the default process group, and at the child's end `leave_gloo_group`. Spawned children import
+it as `tests._dist` (the checkout is on their `sys.path`, as on pytest's: pyproject's
+`pythonpath`)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ def leave_gloo_group() -> None:
     may drop its last finished work (and the tensors in it) while Python finalises; freeing a
     tensor takes the GIL, a thread that takes it during finalisation is ended by pthread_exit
     inside a C++ destructor, and that is std::terminate: SIGABRT, "terminate called without an
-    active exception". Seen in benchmarks/adapter_cost.py's gloo processes (once in CI, 2 in 16
-    local runs); gdb: ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> THPVariable_dealloc ->
-    take_gil -> PyThread_exit_thread, while the main thread is in Py_FinalizeEx."""
+    active exception". Seen in benchmarks/adapter_cost.py's gloo processes: once in CI, and in 4
+    of 54 runs of its 2-rank check here (none of 30 with this exit). gdb's backtrace:
+    ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> THPVariable_dealloc -> take_gil ->
+    PyThread_exit_thread, while the main thread is in Py_FinalizeEx."""
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,5 +1,6 @@
 """melora.fields, the one validator of every config section: types, choices, bounds and the
-project's unknown-key message, each refusal naming the dotted field, the value and what is allowed."""
+project's unknown-key message, each refusal naming the dotted field, the value and what is
+allowed."""
 
 from __future__ import annotations
 
